@@ -1,0 +1,86 @@
+"""Per-pixel statistics of a class-probability map, read in one sweep over the class axis.
+
+Every selector needs the max confidence and the pseudo-label; CSL and CoVar also need the
+sum and sum of squares of the non-max probabilities (from which the residual-class
+variance follows on the (B, H, W) maps). Reading the (B, K, H, W) tensor once for all of
+them is what keeps selection at the cost of a bare threshold.
+
+The sums leave out the maximum itself rather than subtracting C and C^2 afterwards: for a
+confident pixel sum(P^2) - C^2 cancels to float32 noise (C = 0.999 leaves residual squares
+near 1e-7, the size of the rounding error of the sum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ClassMoments:
+    """Maps of shape (B, H, W) computed from probabilities P of shape (B, K, H, W)."""
+
+    confidence: Tensor  # C = max_k P_k
+    label: Tensor  # argmax_k P_k (first index on ties), int64
+    ties: Tensor  # number of classes whose probability equals C (>= 1)
+    below_sum: Tensor  # sum of P_k over classes with P_k < C
+    below_sq: Tensor  # sum of P_k^2 over classes with P_k < C
+
+    @property
+    def residual_sum(self) -> Tensor:
+        """sum_k R_k, with R = P and its argmax slot set to 0 (tied maxima stay in R)."""
+        return self.below_sum + (self.ties - 1) * self.confidence
+
+    @property
+    def residual_sq(self) -> Tensor:
+        """sum_k R_k^2."""
+        return self.below_sq + (self.ties - 1) * self.confidence.square()
+
+    @property
+    def total(self) -> Tensor:
+        """sum_k P_k (1 for a softmax)."""
+        return self.below_sum + self.ties * self.confidence
+
+
+def class_moments(probs: Tensor) -> ClassMoments:
+    """Max, argmax and the sums of the non-max probabilities of (B, K, H, W) probs."""
+    if probs.device.type == "cpu":
+        return _class_moments_cpu(probs)
+    # On accelerators one reduction kernel per statistic runs at memory speed, while a
+    # loop over classes would launch ~6K small kernels.
+    confidence, label = probs.max(dim=1)
+    is_max = probs == confidence.unsqueeze(1)
+    below = probs.masked_fill(is_max, 0.0)
+    return ClassMoments(
+        confidence=confidence,
+        label=label,
+        ties=is_max.sum(dim=1, dtype=confidence.dtype),
+        below_sum=below.sum(dim=1),
+        below_sq=(below * below).sum(dim=1),
+    )
+
+
+def _class_moments_cpu(probs: Tensor) -> ClassMoments:
+    # On the CPU, max-with-indices over a strided axis is compute bound (about 9x slower
+    # than amax). amax plus one sweep over the class slices, with the (B, H, W)
+    # accumulators resident in cache, costs about what the bare probs.max(1) costs.
+    num_classes = probs.shape[1]
+    confidence = probs.amax(dim=1)
+    shape, device = confidence.shape, probs.device
+    below_sum = torch.zeros_like(confidence)
+    below_sq = torch.zeros_like(confidence)
+    ties = torch.zeros(shape, dtype=torch.uint8 if num_classes < 256 else torch.int32, device=device)
+    label = torch.zeros(shape, dtype=torch.uint8 if num_classes <= 256 else torch.int64, device=device)
+    is_max = torch.empty(shape, dtype=torch.bool, device=device)
+    below = torch.empty_like(confidence)
+    for k in range(num_classes - 1, -1, -1):  # descending, so the first maximum wins
+        p_k = probs[:, k]
+        torch.eq(p_k, confidence, out=is_max)
+        label.masked_fill_(is_max, k)
+        ties.add_(is_max)
+        below.copy_(p_k).masked_fill_(is_max, 0.0)
+        below_sum.add_(below)
+        below_sq.addcmul_(below, below)
+    return ClassMoments(confidence, label.long(), ties.to(confidence.dtype), below_sum, below_sq)

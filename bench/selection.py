@@ -1,0 +1,291 @@
+"""The selector contract: what a pseudo-label selector receives, returns, and how it is found.
+
+    from bench.selection import get_selector, available_selectors, Selection
+    sel = get_selector("csl", num_classes=21, alpha=8.0)
+    out = sel.select(probs, valid)          # probs (B,K,H,W) float, valid (B,H,W) bool
+
+A selector is a subclass of `Selector` registered with `@register_selector("name")`.
+Built-in selectors live in `methods/` and `csl/` and are imported explicitly (an import
+error propagates); other packages add theirs through the entry-point group
+`cslbench.selectors`. The harness only ever reaches a concrete selector through this
+registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from bench.confidence import ClassMoments, class_moments
+
+ENTRY_POINT_GROUP = "cslbench.selectors"
+BUILTIN_MODULES = (
+    "methods.fixed",
+    "methods.ups",
+    "methods.softmatch",
+    "methods.freematch",
+    "methods.flexmatch",
+    "methods.u2pl",
+    "methods.ael",
+    "methods.daw",
+    "methods.covar",
+    "csl.selector",
+)
+# Everything a trainer may hand a selector. Unlabeled ground truth is deliberately absent:
+# any other key is rejected, so it cannot reach a selector by accident.
+CONTEXT_KEYS = ("mc_logits", "labeled_probs", "labeled_target", "progress")
+# Softmax outputs sum to 1; a much larger error means logits or unnormalised scores.
+_SUM_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a selector decides for each pixel of a batch."""
+
+    label: Tensor  # int64 (B, H, W) pseudo-label
+    weight: Tensor  # float32 (B, H, W) in [0, 1], exactly 0 where not valid
+    reliable: Tensor  # bool (B, H, W): the hard "selected" set
+    negatives: Tensor | None = None  # bool (B, K, H, W) negative labels (UPS)
+
+
+class Selector:
+    """Base class: validates input once, then defers to `_select`.
+
+    Subclasses take their parameters as plain keyword arguments of `__init__` (after
+    `num_classes`) and implement `_select(probs, valid, moments, **context)`.
+    """
+
+    name: ClassVar[str] = "?"
+    mc_passes: int = 0  # extra stochastic forward passes the trainer must run per step
+    context_keys: ClassVar[tuple[str, ...]] = ()  # context this selector reads
+    required_context: ClassVar[tuple[str, ...]] = ()  # context it cannot work without
+
+    def __init__(self, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"selector '{self.name}': num_classes must be an integer >= 2, got {num_classes!r}"
+            )
+        self.num_classes = num_classes
+
+    # -- public API -------------------------------------------------------------------
+    def select(self, probs: Tensor, valid: Tensor, **context: Any) -> Selection:
+        self._check_input(probs, valid)
+        self._check_context(context)
+        if probs.dtype != torch.float32:
+            probs = probs.float()
+        moments = class_moments(probs)
+        self._check_values(moments, valid)
+        return self._select(probs, valid, moments, **context)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"selector '{self.name}': state keys {sorted(state)} do not match "
+                f"the expected {sorted(expected)}"
+            )
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({params})"
+
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments, as they would be passed to `get_selector`."""
+        return {k: getattr(self, k) for k in _constructor_params(type(self))}
+
+    # -- for subclasses ---------------------------------------------------------------
+    def _select(
+        self, probs: Tensor, valid: Tensor, moments: ClassMoments, **context: Any
+    ) -> Selection:
+        raise NotImplementedError
+
+    def _error(self, message: str) -> ValueError:
+        return ValueError(f"selector '{self.name}': {message}")
+
+    # -- validation -------------------------------------------------------------------
+    def _check_input(self, probs: Tensor, valid: Tensor) -> None:
+        if not isinstance(probs, Tensor) or not probs.is_floating_point():
+            raise self._error(f"probs must be a floating-point tensor, got {_describe(probs)}")
+        if probs.dim() != 4:
+            raise self._error(
+                f"probs must have rank 4 (B, K, H, W), got shape {tuple(probs.shape)}"
+            )
+        if probs.shape[1] < 2:
+            raise self._error(f"probs must have K >= 2 classes, got K={probs.shape[1]}")
+        if probs.shape[1] != self.num_classes:
+            raise self._error(
+                f"probs has K={probs.shape[1]} classes but the selector was built with "
+                f"num_classes={self.num_classes}"
+            )
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+            raise self._error(
+                f"valid must be a bool tensor (use valid.bool()), got {_describe(valid)}"
+            )
+        expected = (probs.shape[0], *probs.shape[2:])
+        if tuple(valid.shape) != expected:
+            raise self._error(
+                f"valid must have shape (B, H, W) = {expected}, got {tuple(valid.shape)}"
+            )
+        if valid.device != probs.device:
+            raise self._error(f"valid is on {valid.device} but probs is on {probs.device}")
+
+    def _check_context(self, context: dict[str, Any]) -> None:
+        unknown = sorted(set(context) - set(CONTEXT_KEYS))
+        if unknown:
+            raise self._error(
+                f"unknown context {unknown}; valid context keys are {list(CONTEXT_KEYS)} "
+                "(unlabeled ground truth is never passed to a selector)"
+            )
+        missing = [k for k in self.required_context if context.get(k) is None]
+        if missing:
+            raise self._error(f"needs context {missing} (pass it as keyword arguments to select)")
+
+    def _check_values(self, moments: ClassMoments, valid: Tensor) -> None:
+        # NaN or -Inf anywhere along the class axis makes the sum of squares below the
+        # max non-finite; +Inf or NaN as the max makes C non-finite.
+        if not bool(torch.isfinite(moments.below_sq + moments.confidence).all()):
+            raise self._error("probs contains NaN or Inf")
+        deviation = (moments.total - 1.0).abs().masked_fill_(~valid, 0.0)
+        if bool((deviation > _SUM_TOLERANCE).any()):
+            worst = float(deviation.max())
+            raise self._error(
+                "probs must be probabilities that sum to 1 over the class axis at valid "
+                f"pixels (largest deviation {worst:.3g}); apply softmax to logits first"
+            )
+
+
+# ------------------------------------------------------------------------------------
+# Helpers shared by selectors
+# ------------------------------------------------------------------------------------
+def hard_selection(label: Tensor, keep: Tensor, valid: Tensor, **extra: Any) -> Selection:
+    """Selection for a selector whose weight is 1 on the kept valid pixels and 0 elsewhere."""
+    reliable = keep & valid
+    return Selection(label=label, weight=reliable.float(), reliable=reliable, **extra)
+
+
+def soft_selection(
+    label: Tensor, weight: Tensor, valid: Tensor, reliable: Tensor | None = None
+) -> Selection:
+    """Selection for a soft selector: weight zero outside valid; the reliable set is the
+    full-weight pixels unless the selector defines it."""
+    weight = weight.float().clamp(0.0, 1.0).masked_fill(~valid, 0.0)
+    reliable = weight == 1.0 if reliable is None else reliable & valid
+    return Selection(label=label, weight=weight, reliable=reliable)
+
+
+def masked_mean(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean of `values` over `valid` pixels and the pixel count (mean 0 when none)."""
+    count = valid.sum()
+    total = torch.where(valid, values, 0.0).sum()
+    return total / count.clamp(min=1), count
+
+
+# ------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Selector]] = {}
+_loaded = False
+
+
+def register_selector(name: str) -> Callable[[type[Selector]], type[Selector]]:
+    """Class decorator: make a `Selector` subclass available as `get_selector(name)`."""
+
+    def decorate(cls: type[Selector]) -> type[Selector]:
+        if not (isinstance(cls, type) and issubclass(cls, Selector)):
+            raise TypeError(f"@register_selector('{name}') needs a Selector subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"selector name '{name}' is already registered by "
+                f"{existing.__module__}.{existing.__qualname__}"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_selectors() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # re-raised with the plugin named, never swallowed
+            raise ImportError(
+                f"selector plugin '{ep.name}' ({ep.value}) from entry-point group "
+                f"'{ENTRY_POINT_GROUP}' failed to import: {exc}"
+            ) from exc
+        if isinstance(obj, type) and issubclass(obj, Selector) and ep.name not in _REGISTRY:
+            register_selector(ep.name)(obj)
+    _loaded = True
+
+
+def available_selectors() -> list[str]:
+    _load_selectors()
+    return sorted(_REGISTRY)
+
+
+def selector_class(name: str) -> type[Selector]:
+    _load_selectors()
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown selector '{name}'{_did_you_mean(name, _REGISTRY)}; "
+            f"available selectors: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def get_selector(name: str, num_classes: int, **params: Any) -> Selector:
+    """Build the selector registered as `name`; unknown parameters are an error."""
+    cls = selector_class(name)
+    valid_params = _constructor_params(cls)
+    unknown = [p for p in params if p not in valid_params]
+    if unknown:
+        hint = _did_you_mean(unknown[0], valid_params)
+        raise ValueError(
+            f"selector '{name}' has no parameter {unknown[0]!r}{hint}; "
+            f"valid parameters: {', '.join(valid_params) or '(none)'}"
+        )
+    return cls(num_classes=num_classes, **params)
+
+
+def _constructor_params(cls: type[Selector]) -> dict[str, Any]:
+    """Keyword parameters of the constructor (besides num_classes) with their defaults."""
+    signature = inspect.signature(cls.__init__)
+    return {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.name not in ("self", "num_classes")
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def selector_params(name: str) -> dict[str, Any]:
+    """The parameters of a registered selector and their defaults."""
+    return _constructor_params(selector_class(name))
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Tensor):
+        return f"{obj.dtype} tensor of shape {tuple(obj.shape)}"
+    return type(obj).__name__
