@@ -6,9 +6,9 @@ left singular vectors of X. The (u_j, s_j^2) are the eigenpairs of the 2 x 2 Gra
 X^T X, which has a closed form, so no image needs an N x 2 SVD and nothing loops over
 images or indexes with a data-dependent mask (no host sync on a GPU).
 
-The 2 x 2 algebra and the cluster sums run in float64: for (C, V) the two columns differ in
-scale by ~1e3, and float32 sums of squares would decide the second singular vector by
-rounding noise.
+Per-pixel work stays in the features' dtype (float32) on the (B, N) maps; the per-image
+sums are cascade sums and the 2 x 2 algebra runs in float64, where the small eigenvalue
+(the two columns of (C, V) differ in scale by ~1e3) would otherwise drown in rounding.
 """
 
 from __future__ import annotations
@@ -19,67 +19,77 @@ import torch
 from torch import Tensor
 
 PICKS = ("confidence", "linear", "neglog")
-# s_2 / s_1 below this counts as rank 1 (e.g. every pixel identical): every pixel then
-# goes to the first cluster instead of being split on rounding noise.
+# s_2 / s_1 at or below this counts as rank 1 (e.g. every pixel identical): every pixel
+# then goes to the first cluster instead of being split on rounding noise.
 RANK_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
 class ClusterStats:
-    """Per image (B, 2) mean and unbiased variance of each feature in each cluster."""
+    """Per image: the size of both clusters and each feature's mean and unbiased variance."""
 
-    count: Tensor  # (B, 2)
+    count: Tensor  # (B, 2 clusters)
     mean: Tensor  # (B, 2 clusters, 2 features)
     var: Tensor  # (B, 2 clusters, 2 features)
 
 
-def spectral_split(f1: Tensor, f2: Tensor, valid: Tensor) -> Tensor:
-    """Bool (B, N): True where a valid pixel falls in the second spectral cluster.
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise dot product of (B, N) maps, returned in float64."""
+    return torch.linalg.vecdot(x, y).double()
 
-    f1, f2: (B, N) float64 features; valid: (B, N) bool.
+
+def spectral_split(x1: Tensor, x2: Tensor) -> Tensor:
+    """Bool (B, N): True where a pixel falls in the second spectral cluster.
+
+    x1, x2: (B, N) features already set to 0 outside the valid pixels (a zero row adds
+    nothing to X^T X and, projecting to 0, never lands in the second cluster).
     """
-    x1 = torch.where(valid, f1, 0.0)
-    x2 = torch.where(valid, f2, 0.0)
-    a = (x1 * x1).sum(dim=1)
-    b = (x1 * x2).sum(dim=1)
-    d = (x2 * x2).sum(dim=1)
-    # Eigen decomposition of [[a, b], [b, d]]: u_1 = (cos t, sin t) with the larger
-    # eigenvalue lambda_1, u_2 = (-sin t, cos t); lambda_2 from the determinant (stable).
+    a, b, d = _dot(x1, x1), _dot(x1, x2), _dot(x2, x2)
+    # Eigenpairs of [[a, b], [b, d]]: u_1 = (cos t, sin t) with the larger eigenvalue,
+    # u_2 = (-sin t, cos t); lambda_2 from the determinant, which does not cancel.
     theta = 0.5 * torch.atan2(2.0 * b, a - d)
     cos, sin = torch.cos(theta), torch.sin(theta)
     lam1 = 0.5 * (a + d) + torch.hypot(0.5 * (a - d), b)
-    det = (a * d - b * b).clamp(min=0.0)
-    lam2 = torch.where(lam1 > 0, det / lam1.clamp(min=1e-300), 0.0)
+    lam2 = (a * d - b * b).clamp(min=0.0) / lam1.clamp(min=1e-300)
     s1, s2 = lam1.sqrt(), lam2.sqrt()
     inv_s1 = torch.where(s1 > 0, 1.0 / s1.clamp(min=1e-300), 0.0)
     inv_s2 = torch.where(s2 > RANK_TOLERANCE * s1, 1.0 / s2.clamp(min=1e-300), 0.0)
-    v1 = (x1 * cos[:, None] + x2 * sin[:, None]).abs() * inv_s1[:, None]
-    v2 = (x2 * cos[:, None] - x1 * sin[:, None]).abs() * inv_s2[:, None]
-    return (v2 > v1) & valid
+    # |v_i1| = |x1 cos + x2 sin| / s_1 and |v_i2| = |x2 cos - x1 sin| / s_2
+    k = torch.stack([cos * inv_s1, sin * inv_s1, cos * inv_s2, -sin * inv_s2], dim=1)
+    k = k.to(x1.dtype).unsqueeze(-1)  # (B, 4, 1)
+    v1 = torch.addcmul(x1 * k[:, 0], x2, k[:, 1]).abs_()
+    v2 = torch.addcmul(x2 * k[:, 2], x1, k[:, 3]).abs_()
+    return v2 > v1
 
 
-def cluster_stats(f1: Tensor, f2: Tensor, valid: Tensor, second: Tensor) -> ClusterStats:
+def cluster_stats(x1: Tensor, x2: Tensor, valid: Tensor, second: Tensor) -> ClusterStats:
     """Mean and unbiased variance of both features in both clusters of every image.
 
-    Empty cluster: mean 0, variance 0. One pixel: that pixel, variance 0."""
-    first = valid & ~second
-    count = torch.stack([first.sum(dim=1), second.sum(dim=1)], dim=1).to(f1.dtype)  # (B, 2)
-    n = count.clamp(min=1)
-
-    def per_cluster(values: Tensor) -> Tensor:  # (B, N) -> (B, 2) sums over each cluster
-        return torch.stack(
-            [torch.where(first, values, 0.0).sum(dim=1), torch.where(second, values, 0.0).sum(dim=1)],
-            dim=1,
-        )
-
-    mean = torch.stack([per_cluster(f1) / n, per_cluster(f2) / n], dim=-1)  # (B, 2, 2)
-    # Second pass over values centred on their own cluster's mean (sum of squares minus
-    # n mean^2 would cancel).
-    dev1 = (f1 - torch.where(second, mean[:, 1, 0:1], mean[:, 0, 0:1])).square()
-    dev2 = (f2 - torch.where(second, mean[:, 1, 1:2], mean[:, 0, 1:2])).square()
+    x1, x2 zero outside valid. Empty cluster: mean 0, variance 0. One pixel: that pixel,
+    variance 0."""
+    in_valid = valid.to(x1.dtype)
+    in_second = second.to(x1.dtype)
+    n = in_valid.sum(dim=1, dtype=torch.float64)
+    n2 = in_second.sum(dim=1, dtype=torch.float64)
+    count = torch.stack([n - n2, n2], dim=1)
+    size = count.clamp(min=1)
     dof = (count - 1).clamp(min=1)
-    var = torch.stack([per_cluster(dev1) / dof, per_cluster(dev2) / dof], dim=-1)
-    return ClusterStats(count=count, mean=mean, var=var)
+
+    def split_sums(values: Tensor) -> Tensor:  # (B, N) -> (B, 2): sum over each cluster
+        total, in2 = _dot(values, in_valid), _dot(values, in_second)
+        return torch.stack([total - in2, in2], dim=1)
+
+    means, variances = [], []
+    for x in (x1, x2):
+        mean = split_sums(x) / size  # (B, 2)
+        # Second pass around each pixel's own cluster mean: sum of squares minus
+        # n mean^2 would cancel.
+        m0 = mean[:, 0:1].to(x.dtype)
+        own_mean = torch.addcmul(m0, in_second, mean[:, 1:2].to(x.dtype) - m0)
+        deviation = (x - own_mean).square_()
+        means.append(mean)
+        variances.append(split_sums(deviation) / dof)
+    return ClusterStats(count=count, mean=torch.stack(means, -1), var=torch.stack(variances, -1))
 
 
 def reliable_cluster(stats: ClusterStats, pick: str = "confidence", lam: float = 0.25, eps: float = 1e-8) -> Tensor:
@@ -100,9 +110,14 @@ def gaussian_weights(
     f1: Tensor, f2: Tensor, valid: Tensor, mean: Tensor, var: Tensor, alpha: float, eps: float
 ) -> Tensor:
     """w = 1 where f1 is above or f2 below the reliable cluster's mean, else
-    exp(-z1^2/alpha) exp(-z2^2/alpha); 0 outside valid. mean, var: (B, 2 features)."""
-    z1 = (f1 - mean[:, 0:1]) / torch.sqrt(var[:, 0:1] + eps)
-    z2 = (mean[:, 1:2] - f2) / torch.sqrt(var[:, 1:2] + eps)
-    decayed = torch.exp(-(z1.square() + z2.square()) / alpha)
-    weight = torch.where((z1 > 0) | (z2 > 0), 1.0, decayed)
-    return torch.where(valid, weight, 0.0)
+    exp(-z1^2/alpha) exp(-z2^2/alpha); 0 outside valid.
+
+    f1, f2: (B, N); mean, var: (B, 2 features) of the reliable cluster."""
+    inv_sd = torch.rsqrt(var + eps)
+    scale = torch.stack([inv_sd[:, 0], -inv_sd[:, 1]], dim=1).to(f1.dtype).unsqueeze(-1)
+    shift = (mean * torch.stack([-inv_sd[:, 0], inv_sd[:, 1]], dim=1)).to(f1.dtype).unsqueeze(-1)
+    z1 = torch.addcmul(shift[:, 0], f1, scale[:, 0])  # (f1 - mu1) / sd1
+    z2 = torch.addcmul(shift[:, 1], f2, scale[:, 1])  # (mu2 - f2) / sd2
+    above = (z1 > 0).logical_or_(z2 > 0)
+    weight = z1.square_().addcmul_(z2, z2).mul_(-1.0 / alpha).exp_()
+    return weight.masked_fill_(above, 1.0).masked_fill_(~valid, 0.0)
