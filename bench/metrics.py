@@ -1,0 +1,169 @@
+"""Dataset-level meters: counts are summed per batch (`update`) and divided once (`compute`).
+
+Averaging per-batch ratios would weight a batch with ten labelled pixels like one with a
+million; summing first gives the numbers a reader expects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bench.selection import Selection
+
+
+def _labelled(gt: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    return (gt != ignore_index) & (gt >= 0) & (gt < num_classes)
+
+
+def _safe_div(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def iou_from_confusion(confusion: Tensor) -> Tensor:
+    """Per-class IoU (float64) from a K x K confusion matrix (rows truth, columns
+    prediction); NaN for a class that appears in neither."""
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+
+
+def nanmean(values: Tensor) -> float:
+    present = values[~torch.isnan(values)]
+    return float(present.mean()) if present.numel() else math.nan
+
+
+class IoUMeter:
+    """Confusion matrix over a dataset; mIoU is the nanmean of per-class IoU."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if num_classes < 2:
+            raise ValueError(f"IoUMeter: num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def reset(self) -> None:
+        self.confusion.zero_()
+
+    def update(self, pred: Tensor, gt: Tensor) -> None:
+        if pred.shape != gt.shape:
+            raise ValueError(f"IoUMeter: pred shape {tuple(pred.shape)} != gt shape {tuple(gt.shape)}")
+        keep = _labelled(gt, self.num_classes, self.ignore_index)
+        pred = pred.clamp(0, self.num_classes - 1)
+        index = torch.where(keep, gt * self.num_classes + pred, self.num_classes**2)
+        counts = torch.bincount(index.flatten(), minlength=self.num_classes**2 + 1)
+        self.confusion += counts[:-1].view(self.num_classes, self.num_classes).cpu()
+
+    def compute(self) -> dict:
+        iou = iou_from_confusion(self.confusion)
+        total = int(self.confusion.sum())
+        return {
+            "miou": nanmean(iou),
+            "per_class_iou": iou.tolist(),
+            "pixel_accuracy": _safe_div(float(self.confusion.diagonal().sum()), total),
+            "pixels": total,
+        }
+
+
+class SelectionQualityMeter:
+    """What a selector selects, judged against the hidden ground truth of unlabeled pixels.
+
+    Over pixels with a ground-truth label (and inside `valid` when given): correct means
+    label == gt. coverage = |selected| / |labelled|, precision = |selected & correct| /
+    |selected|, recall = |selected & correct| / |correct|, weighted precision =
+    sum(w correct) / sum(w), F1 of precision and recall, AUROC of the weight for
+    correctness, pseudo-label mIoU over the selected pixels, and per ground-truth class
+    the fraction of its pixels selected. The AUROC is computed from weight histograms
+    with `auroc_bins` bins on [0, 1] (ties within a bin count half): exact for hard
+    selectors, within about 1/auroc_bins for soft ones.
+    """
+
+    def __init__(self, num_classes: int, auroc_bins: int = 4096):
+        if num_classes < 2:
+            raise ValueError(f"SelectionQualityMeter: num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.auroc_bins = auroc_bins
+        self.reset()
+
+    def reset(self) -> None:
+        k = self.num_classes
+        self.counts = torch.zeros(4, dtype=torch.float64)  # labelled, selected, correct, sel&correct
+        self.weight_sums = torch.zeros(2, dtype=torch.float64)  # sum w, sum w*correct
+        self.class_labelled = torch.zeros(k, dtype=torch.int64)
+        self.class_selected = torch.zeros(k, dtype=torch.int64)
+        self.confusion = torch.zeros(k, k, dtype=torch.int64)  # selected pixels only
+        self.hist = torch.zeros(2, self.auroc_bins, dtype=torch.int64)  # incorrect, correct
+
+    def update(self, selection: Selection, gt: Tensor, ignore_index: int = 255, valid: Tensor | None = None) -> None:
+        if gt.shape != selection.label.shape:
+            raise ValueError(
+                f"SelectionQualityMeter: gt shape {tuple(gt.shape)} != selection shape "
+                f"{tuple(selection.label.shape)}"
+            )
+        k = self.num_classes
+        labelled = _labelled(gt, k, ignore_index)
+        if valid is not None:
+            labelled &= valid
+        correct = (selection.label == gt) & labelled
+        selected = selection.reliable & labelled
+        w = selection.weight.double() * labelled
+        self.counts += torch.stack(
+            [labelled.sum(), selected.sum(), correct.sum(), (selected & correct).sum()]
+        ).double().cpu()
+        self.weight_sums += torch.stack([w.sum(), (w * correct).sum()]).cpu()
+
+        gt_safe = torch.where(labelled, gt, k)
+        self.class_labelled += torch.bincount(gt_safe.flatten(), minlength=k + 1)[:k].cpu()
+        gt_sel = torch.where(selected, gt, k)
+        self.class_selected += torch.bincount(gt_sel.flatten(), minlength=k + 1)[:k].cpu()
+        pair = torch.where(selected, gt * k + selection.label.clamp(0, k - 1), k * k)
+        self.confusion += torch.bincount(pair.flatten(), minlength=k * k + 1)[:-1].view(k, k).cpu()
+
+        nb = self.auroc_bins
+        bins = (selection.weight.double().clamp(0, 1) * (nb - 1)).round().long()
+        slot = torch.where(labelled, correct.long() * nb + bins, 2 * nb)
+        self.hist += torch.bincount(slot.flatten(), minlength=2 * nb + 1)[:-1].view(2, nb).cpu()
+
+    def compute(self) -> dict:
+        n_lab, n_sel, n_cor, n_sel_cor = self.counts.tolist()
+        sum_w, sum_w_cor = self.weight_sums.tolist()
+        precision = _safe_div(n_sel_cor, n_sel)
+        recall = _safe_div(n_sel_cor, n_cor)
+        f1 = (
+            2 * precision * recall / (precision + recall)
+            if precision + recall > 0
+            else (0.0 if n_sel > 0 and n_cor > 0 else math.nan)
+        )
+        per_class = torch.where(
+            self.class_labelled > 0,
+            self.class_selected.double() / self.class_labelled.clamp(min=1),
+            torch.full((self.num_classes,), math.nan, dtype=torch.float64),
+        )
+        return {
+            "coverage": _safe_div(n_sel, n_lab),
+            "precision": precision,
+            "recall": recall,
+            "weighted_precision": _safe_div(sum_w_cor, sum_w),
+            "f1": f1,
+            "auroc": auroc_from_histograms(self.hist[1], self.hist[0]),
+            "pseudo_miou": nanmean(iou_from_confusion(self.confusion)),
+            "label_accuracy": _safe_div(n_cor, n_lab),
+            "per_class_coverage": per_class.tolist(),
+            "pixels": int(n_lab),
+        }
+
+
+def auroc_from_histograms(positive: Tensor, negative: Tensor) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(same bin), from bin counts
+    ordered by increasing score."""
+    pos, neg = positive.double(), negative.double()
+    n_pos, n_neg = float(pos.sum()), float(neg.sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    neg_below = torch.cumsum(neg, 0) - neg  # negatives in strictly lower bins
+    wins = (pos * (neg_below + 0.5 * neg)).sum()
+    return float(wins) / (n_pos * n_neg)
