@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from bench.confidence import class_moments
 from bench.selection import Selector, hard_selection, register_selector
 
 
@@ -74,7 +75,8 @@ class DistributionAwareThreshold(Selector):
                 f"labeled_target must have shape (B, H, W) matching labeled_probs, "
                 f"got {tuple(labeled_target.shape)}"
             )
-        conf, pred = labeled_probs.float().max(dim=1)
+        labeled = class_moments(labeled_probs.float())
+        conf, pred = labeled.confidence, labeled.label
         known = (labeled_target >= 0) & (labeled_target < self.num_classes)
         known &= labeled_target != self.ignore_index
         right = (pred == labeled_target) & known

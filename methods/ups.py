@@ -15,6 +15,17 @@ import torch
 from bench.selection import Selector, hard_selection, register_selector
 
 
+def _std_mean_over_passes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased std and mean over the leading pass axis, in two passes over the slices
+    (torch.std_mean over a leading axis is ~60x slower on the CPU)."""
+    mean = p.mean(dim=0)
+    sq = torch.zeros_like(mean)
+    for p_t in p:
+        d = p_t - mean
+        sq.addcmul_(d, d)
+    return sq.div_(p.shape[0] - 1).sqrt_(), mean
+
+
 @register_selector("ups")
 class UncertaintyAware(Selector):
     context_keys = ("mc_logits",)
@@ -53,12 +64,12 @@ class UncertaintyAware(Selector):
         if not bool(torch.isfinite(mc_logits).all()):
             raise self._error("mc_logits contains NaN or Inf")
         logits = mc_logits.float()
-        std, mean = torch.std_mean(logits.softmax(dim=2), dim=0, correction=1)
+        std, mean = _std_mean_over_passes(logits.softmax(dim=2))
         conf, label = mean.max(dim=1)
         label_std = std.gather(1, label.unsqueeze(1)).squeeze(1)
         positive = (conf >= self.tau_p) & (label_std < self.kappa_p) & valid
 
-        std_nl, mean_nl = torch.std_mean((logits / self.temperature).softmax(dim=2), dim=0, correction=1)
+        std_nl, mean_nl = _std_mean_over_passes((logits / self.temperature).softmax(dim=2))
         negatives = (mean_nl < self.tau_n) & (std_nl < self.kappa_n)
         negatives.scatter_(1, label.unsqueeze(1), False)  # never the pseudo-label itself
         negatives &= (valid & ~positive).unsqueeze(1)
