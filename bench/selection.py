@@ -152,15 +152,16 @@ class Selector:
 
     def _check_values(self, moments: ClassMoments, valid: Tensor) -> None:
         # NaN or -Inf anywhere along the class axis makes the sum of squares below the
-        # max non-finite; +Inf or NaN as the max makes C non-finite.
-        if not bool(torch.isfinite(moments.below_sq + moments.confidence).all()):
-            raise self._error("probs contains NaN or Inf")
+        # max non-finite; +Inf or NaN as the max makes C non-finite. One host sync for
+        # both checks; the diagnosis runs only on the error path.
+        finite = torch.isfinite(moments.below_sq + moments.confidence)
         deviation = (moments.total - 1.0).abs().masked_fill_(~valid, 0.0)
-        if bool((deviation > _SUM_TOLERANCE).any()):
-            worst = float(deviation.max())
+        if bool(((deviation > _SUM_TOLERANCE) | ~finite).any()):
+            if not bool(finite.all()):
+                raise self._error("probs contains NaN or Inf")
             raise self._error(
                 "probs must be probabilities that sum to 1 over the class axis at valid "
-                f"pixels (largest deviation {worst:.3g}); apply softmax to logits first"
+                f"pixels (largest deviation {float(deviation.max()):.3g}); apply softmax to logits first"
             )
 
 

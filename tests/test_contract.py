@@ -215,15 +215,22 @@ PLUGIN = textwrap.dedent(
 )
 
 
-def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
-    (tmp_path / "margin_plugin.py").write_text(PLUGIN)
-    dist = tmp_path / "margin_plugin-0.1.dist-info"
+def install_plugin(tmp_path, monkeypatch, module, source, entry):
+    """A package on sys.path that declares `entry` in the cslbench.selectors group, and a
+    registry that will look for it afresh (restored after the test)."""
+    (tmp_path / f"{module}.py").write_text(source)
+    dist = tmp_path / f"{module}-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: margin-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cslbench.selectors]\nmargin = margin_plugin:Margin\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[cslbench.selectors]\n{entry}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
     monkeypatch.setattr(selection, "_loaded", False)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "margin_plugin", PLUGIN, "margin = margin_plugin:Margin")
     assert "margin" in available_selectors()
     sel = get_selector("margin", num_classes=3, gap=0.2)
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25]]).T.reshape(1, 3, 1, 2)
@@ -234,17 +241,9 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
 
 
 def test_broken_plugin_import_is_raised_not_swallowed(tmp_path, monkeypatch):
-    (tmp_path / "broken_plugin.py").write_text("import does_not_exist_anywhere\n")
-    dist = tmp_path / "broken_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cslbench.selectors]\nbroken = broken_plugin:Thing\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
-    monkeypatch.setattr(selection, "_loaded", False)
+    install_plugin(tmp_path, monkeypatch, "broken_plugin", "import does_not_exist_anywhere\n", "broken = broken_plugin:Thing")
     with pytest.raises(ImportError, match="selector plugin 'broken'.*does_not_exist_anywhere"):
         available_selectors()
-    sys.modules.pop("broken_plugin", None)
 
 
 def test_register_decorator_refuses_a_taken_name():
