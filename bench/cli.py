@@ -76,6 +76,47 @@ def cmd_selectors(args) -> None:
         print(f"{name:10s} {params}\n{'':10s} {doc}")
 
 
+def cmd_train(args) -> None:
+    from bench.config import ConfigError, load_config
+    from bench.data.sources import DataError
+    from bench.models import WeightsError
+    from bench.train import ResumeError, train
+
+    _threads(args.threads)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"config: {exc}")
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return
+    try:
+        record = train(config, resume=args.resume)
+    except (DataError, WeightsError, ResumeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    final, sel = record["final"], record.get("selection")
+    line = f"{config.out}: mIoU {final['miou']:.4f} (best on val {final['miou_best_val']:.4f})"
+    if sel:
+        line += f"; selection precision {sel['precision']:.4f} recall {sel['recall']:.4f} coverage {sel['coverage']:.4f}"
+    print(line)
+
+
+def cmd_data_split(args) -> None:
+    from bench.data.sources import DataError, get_source
+    from bench.data.splits import write_split
+
+    try:
+        source = get_source(args.dataset, args.root)
+        name = args.name or f"{args.labeled}_seed{args.seed}"
+        folder = Path(args.out) / args.dataset / name
+        hashes = write_split(source, folder, args.labeled, args.seed)
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}")
+    for file, digest in hashes.items():
+        print(f"{folder / file}  sha256 {digest}")
+    print(f"use it with: cslbench train dataset={args.dataset} root={args.root} split={name} split_dir={args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cslbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int)
     d.add_argument("--budget", type=float, default=0.5)
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train one run: cslbench train [--config FILE] key=value ...")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. selector=csl selector.alpha=8 iters=300")
+    t.add_argument("--config", help="YAML file of key: value (the command line wins)")
+    t.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--threads", type=int)
+    t.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    sp = data_sub.add_parser("split", help="write UniMatch-format labeled/unlabeled split files")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--root", help="data root (not needed for synthetic)")
+    sp.add_argument("--labeled", type=int, required=True, help="number of labelled images")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="splits", help="split folder root (default: splits)")
+    sp.add_argument("--name", help="split name (default: <labeled>_seed<seed>)")
+    sp.set_defaults(func=cmd_data_split)
 
     s = sub.add_parser("selectors", help="list registered selectors and their parameters")
     s.set_defaults(func=cmd_selectors)

@@ -98,6 +98,17 @@ class SelectionQualityMeter:
         self.confusion = torch.zeros(k, k, dtype=torch.int64)  # selected pixels only
         self.hist = torch.zeros(2, self.auroc_bins, dtype=torch.int64)  # incorrect, correct
 
+    _STATE = ("counts", "weight_sums", "class_labelled", "class_selected", "confusion", "hist")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k).clone() for k in self._STATE}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k in self._STATE:
+            if tuple(state[k].shape) != tuple(getattr(self, k).shape):
+                raise ValueError(f"SelectionQualityMeter: state '{k}' has shape {tuple(state[k].shape)}, expected {tuple(getattr(self, k).shape)}")
+            setattr(self, k, state[k].clone())
+
     def update(self, selection: Selection, gt: Tensor, ignore_index: int = 255, valid: Tensor | None = None) -> None:
         if gt.shape != selection.label.shape:
             raise ValueError(

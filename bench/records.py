@@ -1,10 +1,28 @@
-"""Result files that survive a crash: written to a temporary file, then renamed."""
+"""Run records and checkpoints: the source of truth for every result.
+
+`record.json` is rewritten atomically (temp file + rename) at every log step, so a reader
+or a crash sees the previous version or the next, never half of one. Checkpoints hold
+everything needed to continue to the same result: model, optimiser, EMA teacher, selector
+state, RNG states, meters and curves.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import platform
+import random
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RECORD = "record.json"
+CHECKPOINT = "checkpoint.pt"
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -21,3 +39,89 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no NaN, and a missing value is honest."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_record(out: Path, record: dict) -> None:
+    atomic_write_text(Path(out) / RECORD, json.dumps(_json_safe(record), indent=1, allow_nan=False))
+
+
+def read_record(out: Path) -> dict | None:
+    path = Path(out) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_checkpoint(out: Path, state: dict) -> None:
+    path = Path(out) / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop draws from, in types `torch.load(weights_only=True)` reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    import bench
+
+    return {
+        "python": platform.python_version(),
+        "cslbench": bench.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+    }

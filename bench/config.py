@@ -1,0 +1,228 @@
+"""The typed configuration of one training run.
+
+One flat dataclass: every key is a field with a type and a default, set from a YAML file
+and then from `key=value` arguments (the command line always wins). `selector.<param>`
+sets a selector parameter. An unknown key is an error naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FRAMEWORKS = ("supervised", "fixmatch", "unimatch")
+NORMALISERS = ("valid", "selected")
+EVAL_MODES = ("whole", "sliding", "center")
+# Keys that say where or how loudly a run works, not what it computes: left out of the hash.
+NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "device")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "synthetic"  # synthetic | camvid | pascal | cityscapes | coco
+    root: str | None = None  # data root (not needed for synthetic)
+    split: str = "default"  # splits/<dataset>/<split>/{labeled,unlabeled}.txt
+    split_dir: str = "splits"  # where split folders live
+    labeled: int = 24  # labelled images when a split is made on the fly (synthetic default)
+    protocol: str = "classic"  # label for tables: classic | blended | u2pl | synthetic
+    crop: int = 64
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    batch_size: int = 4  # labelled images per step
+    unlabeled_batch_size: int | None = None  # default: batch_size
+    workers: int = 0
+    # evaluation
+    eval_every: int = 100
+    eval_mode: str = "whole"  # whole | sliding | center
+    eval_crop: int | None = None  # window / centre crop size; default: crop
+    eval_stride: float = 2 / 3  # sliding-window stride as a fraction of eval_crop
+    # model
+    backbone: str = "test_resnet"  # any timm model with features_only
+    pretrained: str | None = None  # a local weights file, or "timm" (local timm/HF cache only)
+    output_stride: int | None = None  # timm output_stride (8 or 16 dilates the last stages)
+    head_channels: int = 64
+    aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18])
+    dropout_fp: float = 0.5  # feature perturbation (UniMatch): Dropout2d on the features
+    # training
+    framework: str = "unimatch"  # supervised | fixmatch | unimatch
+    selector: str = "fixed"
+    selector_params: dict[str, Any] = field(default_factory=dict)
+    csl_mask_view: bool = False
+    mask_block: int = 32
+    mask_ratio: float = 0.7
+    ema_teacher: bool = False
+    ema_momentum: float = 0.999
+    normaliser: str = "valid"  # valid: sum(w CE)/#valid ; selected: sum(w CE)/sum(w)
+    iters: int = 400
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    # output
+    out: str = "runs/default"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    wandb_project: str = "cslbench"
+    wandb_group: str | None = None
+    wandb_mode: str | None = None  # online | offline | disabled; default from the environment
+
+    def validate(self) -> "TrainConfig":
+        choices = {"framework": FRAMEWORKS, "normaliser": NORMALISERS, "eval_mode": EVAL_MODES}
+        for key, options in choices.items():
+            if getattr(self, key) not in options:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(options)}")
+        positive = ("crop", "batch_size", "iters", "eval_every", "checkpoint_every", "log_every", "labeled", "head_channels")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ConfigError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+        if not 0 < self.eval_stride <= 1:
+            raise ConfigError(f"eval_stride is a fraction of the window in (0, 1], got {self.eval_stride}")
+        if self.csl_mask_view and self.framework != "unimatch":
+            raise ConfigError("csl_mask_view=true needs framework=unimatch (it replaces the second strong view)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self
+
+    @property
+    def u_batch_size(self) -> int:
+        return self.unlabeled_batch_size or self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identifies what the run computes (not where it writes)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_KEYS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _closest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any) -> Any:
+    hint = _HINTS[key]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) or optional else hint
+    origin = typing.get_origin(base) or base
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if origin is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if origin is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if origin is str:
+            return str(value)
+        if origin is list:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            (item,) = typing.get_args(base)
+            return [item(v) for v in value]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}={value!r} is not a valid {getattr(base, '__name__', base)}")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """Set `values` on `config`; `selector.<param>` keys go to selector_params."""
+    for key, value in values.items():
+        if key.startswith("selector."):
+            config.selector_params[key.split(".", 1)[1]] = value
+            continue
+        if key == "selector" and isinstance(value, dict):  # YAML: selector: {name: csl, alpha: 8}
+            value = dict(value)
+            if "name" in value:
+                config.selector = str(value.pop("name"))
+            config.selector_params.update(value)
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown config key '{key}' in {source}{_closest(key)}")
+        coerced = _coerce(key, value)
+        if key == "selector_params":
+            config.selector_params.update(coerced)
+        else:
+            setattr(config, key, coerced)
+    return config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r} (e.g. selector=csl iters=300)")
+        key, text = item.split("=", 1)
+        values[key.strip()] = _parse_value(text)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then the command line (which wins)."""
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value")
+        apply(config, data, str(path))
+    apply(config, parse_overrides(overrides or []), "the command line")
+    return config.validate()
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from `to_dict()` output (run records, checkpoints)."""
+    return apply(TrainConfig(), data, "a stored config").validate()
