@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.metrics import IoUMeter
+from bench.metrics import IoUMeter, SelectionQualityMeter
+from bench.selection import Selection
 
 
 def _positions(size: int, window: int, stride: int) -> list[int]:
@@ -59,3 +60,31 @@ def evaluate(model, loader, num_classes: int, mode: str, crop: int, stride_fract
         meter.update(pred, mask)
     model.train(was_training)
     return meter.compute()
+
+
+@torch.no_grad()
+def confidence_probe(model, loader, num_classes: int, device, autocast, limit: int) -> dict:
+    """How well max confidence separates right from wrong predictions on unlabeled images
+    (whole image, last model): the overlap that selection is about. The hidden truth goes
+    to the selection-quality meter only."""
+    was_training = model.training
+    model.eval()
+    meter = SelectionQualityMeter(num_classes)
+    seen = 0
+    for batch in loader:
+        if seen >= limit:
+            break
+        image, gt = batch["image"].to(device), batch["mask"].to(device)
+        with autocast():
+            conf, label = model(image).float().softmax(1).max(1)
+        meter.update(Selection(label=label, weight=conf, reliable=conf >= 0.95), gt)
+        seen += image.shape[0]
+    model.train(was_training)
+    result = meter.compute()
+    return {
+        "confidence_auroc": result["auroc"],
+        "accuracy": result["label_accuracy"],
+        "precision_at_0.95": result["precision"],
+        "coverage_at_0.95": result["coverage"],
+        "images": seen,
+    }

@@ -24,7 +24,7 @@ from bench.config import TrainConfig, from_dict
 from bench.data.loaders import MIX, UNLABELED, EvalSet, LabeledSet, UnlabeledSet, iteration_loader
 from bench.data.sources import get_source
 from bench.data.splits import load_split
-from bench.evaluate import evaluate
+from bench.evaluate import confidence_probe, evaluate
 from bench.losses import PseudoTargets, pseudo_label_loss, supervised_loss
 from bench.metrics import SelectionQualityMeter
 from bench.models import build_model
@@ -267,8 +267,18 @@ class Trainer:
             loaders += [iteration_loader(unl, cfg.u_batch_size, stream=UNLABELED, **args), iteration_loader(mix, cfg.u_batch_size, stream=MIX, **args)]
         return loaders
 
-    def _eval_loader(self):
-        return torch.utils.data.DataLoader(EvalSet(self.source, self.split.val), batch_size=1, num_workers=self.config.workers)
+    def _eval_loader(self, entries=None):
+        entries = self.split.val if entries is None else entries
+        return torch.utils.data.DataLoader(EvalSet(self.source, entries), batch_size=1, num_workers=self.config.workers)
+
+    def probe_unlabeled(self) -> dict | None:
+        """Max-confidence AUROC for correctness on (up to probe_images) unlabeled images."""
+        cfg = self.config
+        if not cfg.probe_images or not self.split.unlabeled:
+            return None
+        model = self.ema if self.ema is not None else self.model
+        loader = self._eval_loader(self.split.unlabeled[: cfg.probe_images])
+        return confidence_probe(model, loader, self.num_classes, self.device, self.autocast, cfg.probe_images)
 
     def evaluate(self) -> dict:
         cfg = self.config
@@ -381,6 +391,7 @@ class Trainer:
                 "best_val_note": BEST_VAL_NOTE,
                 "per_class_iou": final["per_class_iou"],
                 "pixel_accuracy": final["pixel_accuracy"],
+                "unlabeled_probe": self.probe_unlabeled(),
             },
             selection=self.meter.compute() if self.semi else None,
             cost=self._cost(cfg.iters),
