@@ -57,7 +57,9 @@ def weak(
     s = uniform(g, *scale)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-    mask = F.interpolate(mask[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
+    # nearest-exact samples at pixel centres, as bilinear with align_corners=False does;
+    # plain "nearest" would shift the mask against the image by up to half a pixel.
+    mask = F.interpolate(mask[None, None].float(), size=(nh, nw), mode="nearest-exact")[0, 0].long()
     inside = torch.ones(nh, nw, dtype=torch.bool)
     ph, pw = max(crop - nh, 0), max(crop - nw, 0)
     if ph or pw:
