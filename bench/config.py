@@ -134,6 +134,8 @@ _HINTS = typing.get_type_hints(TrainConfig)
 
 def _closest(key: str) -> str:
     close = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
+    if not close:  # e.g. lr_rate -> lr: a valid key inside the unknown one, or around it
+        close = sorted((f for f in _FIELDS if f in key or key in f), key=len, reverse=True)[:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

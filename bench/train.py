@@ -269,7 +269,9 @@ class Trainer:
 
     def _eval_loader(self, entries=None):
         entries = self.split.val if entries is None else entries
-        return torch.utils.data.DataLoader(EvalSet(self.source, entries), batch_size=1, num_workers=self.config.workers)
+        return torch.utils.data.DataLoader(
+            EvalSet(self.source, entries), batch_size=1, num_workers=self.config.workers, generator=torch.Generator()
+        )
 
     def probe_unlabeled(self) -> dict | None:
         """Max-confidence AUROC for correctness on (up to probe_images) unlabeled images."""
@@ -331,7 +333,7 @@ class Trainer:
         finally:
             bar.close()
             self.tracker.finish(failed=failed)
-        return self.record
+        return read_record(self.out)  # the file is the source of truth (NaN stored as null)
 
     def _accumulate(self, losses: dict[str, float]) -> None:
         for k, v in losses.items():

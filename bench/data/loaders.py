@@ -104,4 +104,7 @@ class EvalSet(Dataset):
 
 def iteration_loader(dataset: Dataset, batch: int, iters: int, seed: int, stream: int, start: int, workers: int) -> DataLoader:
     sampler = IterationSampler(len(dataset), batch, iters, seed, stream, start)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False)
+    # The loader draws a worker base seed when it starts; its own generator keeps that draw
+    # off the global RNG, which a resumed run restores from its checkpoint.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, generator=generator)

@@ -1,0 +1,159 @@
+"""The harness end to end on tiny runs: every framework, record fields, resume after
+kill -9, and that no selector ever sees unlabeled ground truth."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench.selection as selection
+from bench.config import load_config
+from bench.train import Trainer
+
+TINY = [
+    "backbone=test_resnet", "crop=32", "batch_size=2", "iters=6", "eval_every=3", "log_every=2",
+    "checkpoint_every=3", "probe_images=4", "head_channels=16", "aspp_dilations=[1,2]", "wandb_mode=disabled",
+]
+
+
+def tiny(tmp_path, *extra):
+    return load_config(overrides=TINY + [f"out={tmp_path / 'run'}", *extra])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["framework=supervised"],
+        ["framework=fixmatch", "selector=fixed", "selector.tau=0.5"],
+        ["framework=unimatch", "selector=csl", "csl_mask_view=true"],
+        ["framework=unimatch", "selector=softmatch", "ema_teacher=true", "normaliser=selected"],
+    ],
+    ids=["supervised", "fixmatch", "unimatch-csl-mask", "unimatch-ema-softmatch"],
+)
+def test_tiny_run_writes_a_complete_record(tmp_path, extra):
+    cfg = tiny(tmp_path, *extra)
+    record = Trainer(cfg, show_progress=False).run()
+    on_disk = json.loads((Path(cfg.out) / "record.json").read_text())
+    assert on_disk["status"] == record["status"] == "complete"
+    for key in ("config", "config_hash", "splits", "git_sha", "versions", "device", "curves", "final", "cost"):
+        assert key in on_disk
+    assert on_disk["config"]["iters"] == 6 and on_disk["config_hash"] == cfg.hash()
+    assert set(on_disk["splits"]["sha256"]) == {"labeled.txt", "unlabeled.txt", "val.txt"}
+    assert [c["iter"] for c in on_disk["curves"]] == [2, 4, 6]
+    assert [c["iter"] for c in on_disk["curves"] if "val_miou" in c] == [4, 6]  # logged with the next point
+    final = on_disk["final"]
+    assert 0 <= final["miou"] <= 1 and final["miou_best_val"] >= final["miou"] and "best_val_note" in final
+    assert len(final["per_class_iou"]) == 6
+    assert 0 <= final["unlabeled_probe"]["confidence_auroc"] <= 1
+    cost = on_disk["cost"]
+    assert cost["iters"] == 6 and cost["wall_s"] > 0 and cost["peak_mem_mb"] > 0
+    if "framework=supervised" in extra:
+        assert on_disk["selection"] is None
+    else:
+        sel = on_disk["selection"]
+        assert set(sel) >= {"precision", "recall", "coverage", "weighted_precision", "f1", "auroc"}
+        assert all("sel_coverage" in c for c in on_disk["curves"])
+        assert cost["selector_ms_per_iter"] > 0
+    if "csl_mask_view=true" in extra:
+        assert all("loss_mask" in c for c in on_disk["curves"])
+
+
+def test_ups_runs_its_passes_and_counts_them(tmp_path):
+    cfg = tiny(tmp_path, "selector=ups", "selector.passes=3", "iters=2", "eval_every=2", "log_every=2")
+    record = Trainer(cfg, show_progress=False).run()
+    assert record["cost"]["extra_forward_passes"] == 3 * 2
+
+
+class Spy(selection.Selector):
+    """Records everything it is handed; labels with the fixed threshold."""
+
+    context_keys = ("mc_logits", "labeled_probs", "labeled_target", "progress")
+    seen: list = []
+
+    def _select(self, probs, valid, moments, **context):
+        Spy.seen.append((probs, valid, dict(context)))
+        return selection.hard_selection(moments.label, moments.confidence >= 0.5, valid)
+
+
+def test_selectors_never_receive_unlabeled_ground_truth(tmp_path, monkeypatch):
+    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    selection.register_selector("spy")(Spy)
+    Spy.seen = []
+    trainer = Trainer(tiny(tmp_path, "selector=spy", "iters=3", "eval_every=3", "log_every=3"), show_progress=False)
+    truths, labeled = [], []
+    update = trainer.meter.update
+    monkeypatch.setattr(trainer.meter, "update", lambda sel, gt, **kw: (truths.append(gt), update(sel, gt, **kw)))
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda t, lab, unl, mix: (labeled.append(lab["mask"]), step(t, lab, unl, mix))[1])
+    trainer.run()
+    assert len(Spy.seen) == len(truths) == 3
+    for (probs, valid, context), gt, lab_mask in zip(Spy.seen, truths, labeled):
+        received = [probs, valid, *[v for v in context.values() if isinstance(v, torch.Tensor)]]
+        for tensor in received:
+            assert tensor.data_ptr() != gt.data_ptr()
+            assert not (tensor.shape == gt.shape and tensor.dtype == gt.dtype and torch.equal(tensor, gt))
+        assert set(context) <= {"progress", "labeled_probs", "labeled_target"}
+        assert torch.equal(context["labeled_target"], lab_mask)  # labelled truth is allowed
+
+
+def _final_state(out: Path):
+    record = json.loads((out / "record.json").read_text())
+    weights = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    return record, weights
+
+
+def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path):
+    common = TINY + ["iters=12", "checkpoint_every=4", "eval_every=6", "log_every=2", "selector=softmatch", "csl_mask_view=true"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bench.cli", "train", "--threads", "1"]
+    whole = tmp_path / "whole"
+    subprocess.run(cmd + common + [f"out={whole}"], check=True, env=env, capture_output=True)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cmd + common + [f"out={cut}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rec = cut / "record.json"
+        if (cut / "checkpoint.pt").exists() and rec.exists() and json.loads(rec.read_text())["iteration"] >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = json.loads((cut / "record.json").read_text())
+    assert killed["status"] == "running" and killed["iteration"] < 12  # really cut mid-run
+    subprocess.run(cmd + common + [f"out={cut}", "--resume"], check=True, env=env, capture_output=True)
+
+    (rec_a, w_a), (rec_b, w_b) = _final_state(whole), _final_state(cut)
+    assert rec_b["status"] == "complete" and rec_b["resumed_from"] in (4, 8)
+    assert rec_a["curves"] == rec_b["curves"]
+    assert rec_a["final"] == rec_b["final"] and rec_a["selection"] == rec_b["selection"]
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_resume_refuses_another_config(tmp_path):
+    Trainer(tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3"), show_progress=False).run()
+    from bench.train import ResumeError
+
+    with pytest.raises(ResumeError, match="another config"):
+        Trainer(tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3", "seed=5"), resume=True)
+
+
+def test_resume_of_a_complete_run_does_nothing(tmp_path):
+    cfg = tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3")
+    first = Trainer(cfg, show_progress=False).run()
+    again = Trainer(cfg, resume=True, show_progress=False).run()
+    assert again["final"] == first["final"] and again["updated"] == first["updated"]
+
+
+def test_cli_print_config_and_errors(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--print-config", "selector=csl", "selector.alpha=8"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "selector: csl" in out.stdout and "alpha: 8" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.cli", "train", "lr_rate=0.1"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "did you mean 'lr'" in bad.stderr
