@@ -38,7 +38,7 @@ class TrainConfig:
     root: str | None = None  # data root (not needed for synthetic)
     split: str = "default"  # splits/<dataset>/<split>/{labeled,unlabeled}.txt
     split_dir: str = "splits"  # where split folders live
-    labeled: int = 24  # labelled images when a split is made on the fly (synthetic default)
+    labeled: int = 20  # labelled images when a split is made on the fly (synthetic default)
     protocol: str = "classic"  # label for tables: classic | blended | u2pl | synthetic
     crop: int = 64
     scale_min: float | None = None  # weak-view rescale range; default 0.5 (0.8 for synthetic)

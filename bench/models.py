@@ -58,9 +58,9 @@ def _create_encoder(backbone: str, pretrained: str | None, output_stride: int | 
         )
     state = _read_weights(path)
     state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()}
-    missing, _ = probe.load_state_dict(state, strict=False)
-    if len(missing) == len(probe.state_dict()):
+    if not set(state) & set(probe.state_dict()):
         raise WeightsError(f"{path}: none of its keys match backbone '{backbone}' (e.g. {next(iter(state), '-')})")
+    probe.load_state_dict(state, strict=False)
     return probe
 
 

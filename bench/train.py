@@ -316,7 +316,9 @@ class Trainer:
                     self.cost["wall_s"] += now - t_mark
                     t_mark = now
                     self._log(done, lr)
-                    bar.set_postfix(loss=f"{self.curves[-1]['loss']:.3f}", val_miou=f"{self.last_val:.3f}")
+                    last = self.curves[-1]
+                    shown = {k.removeprefix("loss_") or k: f"{v:.3f}" for k, v in last.items() if k.startswith("loss")}
+                    bar.set_postfix(**shown, val_miou=f"{self.last_val:.3f}")
                 if done % cfg.checkpoint_every == 0 and done < cfg.iters:
                     self.cost["wall_s"] += time.perf_counter() - t_mark
                     t_mark = time.perf_counter()

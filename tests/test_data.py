@@ -214,3 +214,16 @@ def test_synthetic_scenes_are_deterministic_and_imbalanced():
     counts = np.bincount(np.stack([make_scene(0, "train", i)[1] for i in range(40)]).ravel(), minlength=NUM_CLASSES)
     share = counts / counts.sum()
     assert share[0] > 0.5 and 0.003 < share[5] < 0.05 and (share > 0).all()
+
+
+def test_cli_data_split_writes_the_split(tmp_path, capsys):
+    from bench.cli import main
+
+    make_camvid(tmp_path / "data", n_train=8)
+    main(["data", "split", "--dataset", "camvid", "--root", str(tmp_path / "data"), "--labeled", "3", "--seed", "0", "--out", str(tmp_path / "splits")])
+    folder = tmp_path / "splits" / "camvid" / "3_seed0"
+    assert len((folder / "labeled.txt").read_text().splitlines()) == 3
+    assert len((folder / "unlabeled.txt").read_text().splitlines()) == 5
+    assert "sha256" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="labeled must lie in"):
+        main(["data", "split", "--dataset", "camvid", "--root", str(tmp_path / "data"), "--labeled", "9", "--out", str(tmp_path / "s")])

@@ -157,3 +157,18 @@ def test_cli_print_config_and_errors(tmp_path):
     assert out.returncode == 0 and "selector: csl" in out.stdout and "alpha: 8" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "bench.cli", "train", "lr_rate=0.1"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "did you mean 'lr'" in bad.stderr
+
+
+CAMVID = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid"
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+def test_a_few_iterations_on_real_camvid(tmp_path):
+    cfg = load_config(overrides=TINY + [
+        "dataset=camvid", f"root={CAMVID}", "labeled=46", "crop=64", "iters=2", "eval_every=2",
+        "log_every=1", "probe_images=2", "selector=csl", f"out={tmp_path / 'camvid'}",
+    ])
+    record = Trainer(cfg, show_progress=False).run()
+    assert record["status"] == "complete"
+    assert record["splits"]["sizes"] == {"labeled": 46, "unlabeled": 321, "val": 101}
+    assert len(record["final"]["per_class_iou"]) == 11

@@ -96,7 +96,7 @@ class Source:
 
     # -- loading ----------------------------------------------------------------------
     def load(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
-        image = np.asarray(Image.open(self.root / entry.image).convert("RGB"))
+        image = np.array(Image.open(self.root / entry.image).convert("RGB"))
         mask = np.array(Image.open(self.root / entry.mask))
         if mask.ndim == 3:
             raise DataError(f"mask {self.root / entry.mask} has colour channels; expected class indices")
