@@ -22,12 +22,12 @@ import yaml
 FRAMEWORKS = ("supervised", "fixmatch", "unimatch")
 NORMALISERS = ("valid", "selected")
 EVAL_MODES = ("whole", "sliding", "center")
-# Keys that say where or how loudly a run works, not what it computes: left out of the hash.
 # Defaults that depend on the dataset, filled in when the config is resolved. The
 # synthetic scenes are small (80 px), so the general 0.5-2.0 range would shrink their
 # objects to a few pixels.
 DATASET_DEFAULTS = {"synthetic": {"scale_min": 0.8, "scale_max": 1.25}}
 GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0}
+# Keys that say where or how loudly a run works, not what it computes: left out of the hash.
 NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "device")
 
 

@@ -25,6 +25,6 @@ def pytest_terminal_summary(terminalreporter, config):
     lines = config.stash.get(RATIO_LINES, [])
     if lines:
         terminalreporter.write_line("")
-        terminalreporter.write_line("selector kernel ratios (same process, same tensors):")
+        terminalreporter.write_line("ratios measured in this run (same process, same inputs):")
         for line in lines:
             terminalreporter.write_line("  " + line)
