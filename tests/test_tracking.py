@@ -36,7 +36,8 @@ def test_disabled_tracker_does_nothing(tmp_path):
     assert t.mode == "disabled" and not any(tmp_path.iterdir())
 
 
-def test_unreachable_host_degrades_to_offline(tmp_path, monkeypatch):
+def fake_wandb(monkeypatch, fail_online=False):
+    """A stand-in wandb module recording the modes init was called with."""
     calls = []
 
     class FakeWandb:
@@ -45,10 +46,17 @@ def test_unreachable_host_degrades_to_offline(tmp_path, monkeypatch):
         @staticmethod
         def init(**kw):
             calls.append(kw["mode"])
+            if fail_online and kw["mode"] == "online":
+                raise RuntimeError("bad key")
             return type("Run", (), {"log": lambda *a, **k: None, "finish": lambda *a, **k: None, "summary": {}})()
 
     monkeypatch.setitem(__import__("sys").modules, "wandb", FakeWandb)
     monkeypatch.setattr(tracking, "api_key_configured", lambda: True)
+    return calls
+
+
+def test_unreachable_host_degrades_to_offline(tmp_path, monkeypatch):
+    calls = fake_wandb(monkeypatch)
     monkeypatch.setattr(tracking, "host_reachable", lambda timeout=3.0: False)
     with pytest.warns(UserWarning, match="unreachable"):
         t = tracking.start_tracking({}, "x", tmp_path, "p", None, "online")
@@ -56,20 +64,7 @@ def test_unreachable_host_degrades_to_offline(tmp_path, monkeypatch):
 
 
 def test_failed_online_init_falls_back_to_offline(tmp_path, monkeypatch):
-    calls = []
-
-    class FakeWandb:
-        Settings = staticmethod(lambda **kw: kw)
-
-        @staticmethod
-        def init(**kw):
-            calls.append(kw["mode"])
-            if kw["mode"] == "online":
-                raise RuntimeError("bad key")
-            return type("Run", (), {"finish": lambda *a, **k: None})()
-
-    monkeypatch.setitem(__import__("sys").modules, "wandb", FakeWandb)
-    monkeypatch.setattr(tracking, "api_key_configured", lambda: True)
+    calls = fake_wandb(monkeypatch, fail_online=True)
     monkeypatch.setattr(tracking, "host_reachable", lambda timeout=3.0: True)
     with pytest.warns(UserWarning, match="bad key"):
         t = tracking.start_tracking({}, "x", tmp_path, "p", None, "online")
