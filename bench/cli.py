@@ -117,6 +117,21 @@ def cmd_data_split(args) -> None:
     print(f"use it with: cslbench train dataset={args.dataset} root={args.root} split={name} split_dir={args.out}")
 
 
+def cmd_leaderboard(args) -> None:
+    from bench.leaderboard import leaderboard
+    from bench.records import atomic_write_text
+
+    try:
+        text = leaderboard(args.folder, fmt=args.format, by=args.by)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cslbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="splits", help="split folder root (default: splits)")
     sp.add_argument("--name", help="split name (default: <labeled>_seed<seed>)")
     sp.set_defaults(func=cmd_data_split)
+
+    lb = sub.add_parser("leaderboard", help="tables of mean ± std over seeds from run records")
+    lb.add_argument("folder", help="folder searched recursively for record.json")
+    lb.add_argument("--format", choices=["markdown", "csv", "latex", "html"], default="markdown")
+    lb.add_argument("--by", help="config key pivoted into columns instead of the split (e.g. selector.alpha)")
+    lb.add_argument("--out", help="write to this file instead of printing")
+    lb.set_defaults(func=cmd_leaderboard)
 
     s = sub.add_parser("selectors", help="list registered selectors and their parameters")
     s.set_defaults(func=cmd_selectors)

@@ -25,8 +25,8 @@ EVAL_MODES = ("whole", "sliding", "center")
 # Defaults that depend on the dataset, filled in when the config is resolved. The
 # synthetic scenes are small (80 px), so the general 0.5-2.0 range would shrink their
 # objects to a few pixels.
-DATASET_DEFAULTS = {"synthetic": {"scale_min": 0.8, "scale_max": 1.25}}
-GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0}
+DATASET_DEFAULTS = {"synthetic": {"scale_min": 0.8, "scale_max": 1.25, "protocol": "synthetic"}}
+GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0, "protocol": "classic"}
 # Keys that say where or how loudly a run works, not what it computes: left out of the hash.
 NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "device")
 
@@ -39,7 +39,7 @@ class TrainConfig:
     split: str = "default"  # splits/<dataset>/<split>/{labeled,unlabeled}.txt
     split_dir: str = "splits"  # where split folders live
     labeled: int = 20  # labelled images when a split is made on the fly (synthetic default)
-    protocol: str = "classic"  # label for tables: classic | blended | u2pl | synthetic
+    protocol: str | None = None  # label for tables: classic | blended | u2pl (synthetic for synthetic data)
     crop: int = 64
     scale_min: float | None = None  # weak-view rescale range; default 0.5 (0.8 for synthetic)
     scale_max: float | None = None  # default 2.0 (1.25 for synthetic)
