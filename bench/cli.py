@@ -92,7 +92,7 @@ def cmd_train(args) -> None:
         return
     try:
         record = train(config, resume=args.resume)
-    except (DataError, WeightsError, ResumeError, ValueError) as exc:
+    except (DataError, WeightsError, ResumeError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
     final, sel = record["final"], record.get("selection")
     line = f"{config.out}: mIoU {final['miou']:.4f} (best on val {final['miou_best_val']:.4f})"
@@ -130,6 +130,19 @@ def cmd_leaderboard(args) -> None:
         print(f"wrote {args.out}")
     else:
         print(text, end="")
+
+
+def cmd_sweep(args) -> None:
+    from bench.leaderboard import leaderboard
+    from bench.sweeps import SweepError, load_sweep, run_sweep
+
+    try:
+        sweep = load_sweep(args.file)
+        trials = run_sweep(sweep, args.storage, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent, verbose=0 if args.quiet else 1)
+    except SweepError as exc:
+        raise SystemExit(f"error: {exc}")
+    print(f"\ntrials in {trials}\n")
+    print(leaderboard(trials), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="splits", help="split folder root (default: splits)")
     sp.add_argument("--name", help="split name (default: <labeled>_seed<seed>)")
     sp.set_defaults(func=cmd_data_split)
+
+    sw = sub.add_parser("sweep", help="run a sweep file on Ray Tune, then print its leaderboard")
+    sw.add_argument("file", help="sweep YAML (see sweeps/)")
+    sw.add_argument("--storage", default="runs/sweeps", help="folder (shared on a cluster) for trials and Ray state")
+    sw.add_argument("--address", help="Ray cluster address (e.g. auto); default RAY_ADDRESS or a local Ray")
+    sw.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    sw.add_argument("--resume", action="store_true", help="continue: keep finished trials, resume the others")
+    sw.add_argument("--quiet", action="store_true", help="no Ray progress tables")
+    sw.set_defaults(func=cmd_sweep)
 
     lb = sub.add_parser("leaderboard", help="tables of mean ± std over seeds from run records")
     lb.add_argument("folder", help="folder searched recursively for record.json")

@@ -56,6 +56,7 @@ class TrainConfig:
     backbone: str = "resnet10t"  # any timm model with features_only
     pretrained: str | None = None  # a local weights file, or "timm" (local timm/HF cache only)
     output_stride: int | None = None  # timm output_stride (8 or 16 dilates the last stages)
+    init_from: str | None = None  # a run folder (or checkpoint.pt) whose model weights start this run
     head_channels: int = 64
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18])
     dropout_fp: float = 0.5  # feature perturbation (UniMatch): Dropout2d on the features

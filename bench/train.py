@@ -66,6 +66,15 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def _warm_start_weights(path: str) -> dict:
+    """Model weights of an earlier run (its folder or its checkpoint.pt)."""
+    file = Path(path)
+    file = file / "checkpoint.pt" if file.is_dir() else file
+    if not file.is_file():
+        raise FileNotFoundError(f"init_from={path}: no checkpoint.pt there (train that run first)")
+    return torch.load(file, map_location="cpu", weights_only=True)["model"]
+
+
 def _paste(images: Tensor, source: Tensor, box: Tensor) -> Tensor:
     return torch.where(box.unsqueeze(1), source, images)
 
@@ -83,6 +92,8 @@ class Trainer:
         self.num_classes = self.source.num_classes
         self.split = load_split(self.source, cfg.split_dir, cfg.split, cfg.labeled)
         self.model = build_model(cfg, self.num_classes).to(self.device)
+        if cfg.init_from:
+            self.model.load_state_dict(_warm_start_weights(cfg.init_from))
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_teacher else None
         self.optimizer = torch.optim.SGD(
             [
