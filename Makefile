@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256s
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test bench kernels venv clean
+.PHONY: demo selector-demo test bench kernels venv clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
+SWEEP_STORE ?= runs/sweeps
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+# The main job: the default benchmark (sweeps/default.yaml) on Ray Tune on this machine's
+# CPUs, its leaderboard, then the figures. Rerunning continues it (finished trials kept).
 demo: venv
+	$(VENV)/bin/cslbench sweep sweeps/default.yaml --storage $(SWEEP_STORE) --resume
+	$(VENV)/bin/cslbench analyze $(SWEEP_STORE)/default/trials --checkpoint $(SWEEP_STORE)/default/warmup/warmup-seed=0
+	$(VENV)/bin/cslbench select-eval $(SWEEP_STORE)/default/warmup/warmup-seed=0 --images 50
+
+# Selector quality on a synthetic probability field and selector speed, in a minute.
+selector-demo: venv
 	$(VENV)/bin/cslbench demo
 
 test: venv

@@ -138,11 +138,54 @@ def cmd_sweep(args) -> None:
 
     try:
         sweep = load_sweep(args.file)
-        trials = run_sweep(sweep, args.storage, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent, verbose=0 if args.quiet else 1)
+        trials = run_sweep(sweep, args.storage, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent, verbose=2 if args.verbose else 0)
     except SweepError as exc:
         raise SystemExit(f"error: {exc}")
     print(f"\ntrials in {trials}\n")
     print(leaderboard(trials), end="")
+
+
+def cmd_select_eval(args) -> None:
+    from bench import analysis
+    from bench.records import atomic_write_text
+
+    _threads(args.threads)
+    try:
+        trainer = analysis.load_trained(args.run)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}")
+    preds = analysis.collect_predictions(trainer, limit=args.images)
+    rows = analysis.select_eval(preds)
+    table = analysis.format_select_eval(rows)
+    print(f"{len(preds.probs)} unlabeled images of {args.run}; every selector on the same predictions\n")
+    print(table)
+    out = Path(args.out or Path(args.run) / "select_eval")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "select_eval.md", table + "\n")
+    analysis.plot_precision_coverage(preds, out / "precision_coverage.png")
+    print(f"\nwrote {out / 'select_eval.md'} and {out / 'precision_coverage.png'}")
+
+
+def cmd_analyze(args) -> None:
+    from bench import analysis
+    from bench.leaderboard import load_rows
+
+    _threads(args.threads)
+    out = Path(args.out or Path(args.folder) / "figures")
+    out.mkdir(parents=True, exist_ok=True)
+    frame, _ = load_rows(args.folder)
+    written = []
+    if frame.height:
+        analysis.plot_curves(frame, out / "curves.png")
+        written.append("curves.png")
+    run = args.checkpoint or next((str(p.parent) for p in sorted(Path(args.folder).rglob("checkpoint.pt"))), None)
+    if run:
+        preds = analysis.collect_predictions(analysis.load_trained(run), limit=args.images)
+        analysis.plot_confidence_overlap(preds, out / "confidence_overlap.png")
+        analysis.plot_cv_plane(preds, out / "cv_plane.png")
+        analysis.plot_precision_coverage(preds, out / "precision_coverage.png")
+        written += ["confidence_overlap.png", "cv_plane.png", "precision_coverage.png"]
+    print(f"wrote {', '.join(str(out / w) for w in written) or 'nothing (no complete runs, no checkpoint)'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,8 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="Ray cluster address (e.g. auto); default RAY_ADDRESS or a local Ray")
     sw.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     sw.add_argument("--resume", action="store_true", help="continue: keep finished trials, resume the others")
-    sw.add_argument("--quiet", action="store_true", help="no Ray progress tables")
+    sw.add_argument("--verbose", action="store_true", help="Ray's own progress tables instead of one line per trial")
     sw.set_defaults(func=cmd_sweep)
+
+    se = sub.add_parser("select-eval", help="every selector on one trained model's predictions (no retraining)")
+    se.add_argument("run", help="a run folder (record.json + checkpoint.pt)")
+    se.add_argument("--images", type=int, default=100, help="unlabeled images to score")
+    se.add_argument("--out", help="folder for the table and figure (default: RUN/select_eval)")
+    se.add_argument("--threads", type=int)
+    se.set_defaults(func=cmd_select_eval)
+
+    an = sub.add_parser("analyze", help="figures: confidence overlap, (C, V) plane, precision-coverage, curves")
+    an.add_argument("folder", help="folder of run records (e.g. a sweep's trials/)")
+    an.add_argument("--checkpoint", help="run whose model the prediction figures use (default: the first found)")
+    an.add_argument("--images", type=int, default=50)
+    an.add_argument("--out", help="figure folder (default: FOLDER/figures)")
+    an.add_argument("--threads", type=int)
+    an.set_defaults(func=cmd_analyze)
 
     lb = sub.add_parser("leaderboard", help="tables of mean ± std over seeds from run records")
     lb.add_argument("folder", help="folder searched recursively for record.json")

@@ -243,6 +243,23 @@ def run_sweep(
         ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1, configure_logging=False) if address else ray.init(
             include_dashboard=False, log_to_driver=verbose > 1, configure_logging=False
         )
+    class Progress(tune.Callback):
+        """One line per finished trial (Ray's own tables with --verbose)."""
+
+        def __init__(self, total: int, tag: str):
+            self.total, self.tag, self.done = total, tag, 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            result = trial.last_result or {}
+            miou = result.get("val_miou")
+            shown = f"val mIoU {100 * miou:.1f}" if isinstance(miou, float) else ""
+            print(f"[{self.tag} {self.done}/{self.total}] {trial.config['trial']['label']} done {shown}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            print(f"[{self.tag} {self.done}/{self.total}] {trial.config['trial']['label']} FAILED (see its record.json)", flush=True)
+
     trainable = tune.with_resources(lambda p: _trainable(p["trial"]), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
     threads = max(1, int(sweep.resources.cpu))
 
@@ -250,6 +267,7 @@ def run_sweep(
         todo = [t for t in trials if trial_state(folder / t.label) != "complete"]
         if not todo:
             return
+        print(f"{sweep.name} {tag}: {len(todo)} trials to run ({len(trials) - len(todo)} already complete)", flush=True)
         configs = [
             {
                 "config": t.config(folder, sweep.name, (init or {}).get(t.overrides.get("seed", 0))).to_dict(),
@@ -271,6 +289,7 @@ def run_sweep(
                 storage_path=str(root / "ray"),
                 verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[Progress(len(todo), tag)] if verbose < 2 else [],
             ),
         ).fit()
 

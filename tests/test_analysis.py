@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from bench import analysis
+from bench.analysis import Predictions, _precision_at_count, select_eval
+from bench.probability_field import prediction_field
+
+
+def test_precision_at_count_matches_sorting():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, analysis.BINS, size=500)
+    correct = rng.random(500) < scores / analysis.BINS
+    all_h = np.bincount(scores, minlength=analysis.BINS)[None].astype(float)
+    cor_h = np.bincount(scores[correct], minlength=analysis.BINS)[None].astype(float)
+    order = np.argsort(-scores, kind="stable")
+    for k in (1, 37, 250, 500):
+        top = scores[order][:k]
+        # exact when the k-th score is not tied across the cut; otherwise the pro-rata share
+        cut = top[-1]
+        above = scores > cut
+        tied = scores == cut
+        expected = (correct[above].sum() + (k - above.sum()) * correct[tied].mean()) / k
+        assert _precision_at_count(all_h, cor_h, np.array([k]))[0] == pytest.approx(expected)
+
+
+def field_predictions(n=6, k=5):
+    probs, gts, mcs = [], [], []
+    for i in range(n):
+        f, mc = prediction_field(batch=1, num_classes=k, size=32, seed=i, mc_passes=3)
+        probs.append(f.probs[0])
+        gts.append(f.gt[0])
+        mcs.append(mc[:, 0])
+    lab, _ = prediction_field(batch=2, num_classes=k, size=32, seed=99)
+    return Predictions(probs, gts, mcs, (lab.probs, lab.gt), k)
+
+
+def test_a_fixed_threshold_gains_nothing_over_the_matched_threshold():
+    rows = {r["name"]: r for r in select_eval(field_predictions(), ["fixed", "csl", "all"], bootstrap=200)}
+    fixed = rows["fixed"]
+    # fixed IS a global max-confidence threshold: same pixels, same precision
+    assert abs(fixed["precision_gain"]) < 0.005
+    assert fixed["gain_ci"][0] <= 0.005 and fixed["gain_ci"][1] >= -0.005
+    assert rows["all"]["coverage"] == pytest.approx(1.0) and abs(rows["all"]["precision_gain"]) < 1e-9
+    lo, hi = rows["csl"]["gain_ci"]
+    assert lo <= rows["csl"]["precision_gain"] <= hi
+    assert 0.5 < rows["max confidence"]["auroc"] < 1
+
+
+def test_figures_are_written(tmp_path):
+    preds = field_predictions(n=3)
+    analysis.plot_confidence_overlap(preds, tmp_path / "a.png")
+    analysis.plot_cv_plane(preds, tmp_path / "b.png")
+    analysis.plot_precision_coverage(preds, tmp_path / "c.png", names=["fixed", "csl", "ael"])
+    for name in "abc":
+        data = (tmp_path / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
