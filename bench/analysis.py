@@ -80,7 +80,7 @@ def _select_all(sel, preds: Predictions) -> list[Selection]:
     out = []
     for i, p in enumerate(preds.probs):
         valid = torch.ones(p.shape[1:], dtype=torch.bool)[None]
-        ctx = {"progress": 1.0}
+        ctx = {}  # no progress: schedules (U2PL) sit at their start, the strictest point
         if "mc_logits" in sel.context_keys and preds.mc_logits is not None:
             ctx["mc_logits"] = preds.mc_logits[i][:, None]
         if "labeled_probs" in sel.context_keys and preds.labeled is not None:
