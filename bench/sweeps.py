@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import itertools
 import json
 import os
@@ -110,6 +111,18 @@ class Trial:
         return apply(TrainConfig(), values, f"trial {self.label}").validate()
 
 
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+
+
+def _distribution(key: str, spec: Any, where: str):
+    from ray import tune
+
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise SweepError(f"{where}: search space '{key}' must be one of {{{' | '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+    (kind, args), = spec.items()
+    return tune.choice(list(args)) if kind == "choice" else getattr(tune, kind)(*args)
+
+
 def _check_keys(data: dict, cls, where: str) -> None:
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -154,6 +167,13 @@ def load_sweep(path: str | Path) -> Sweep:
         base=dict(data.get("base") or {}), methods=methods, grid=grid, **sub,
     )
     sweep.base.setdefault("protocol", sweep.protocol)
+    if sweep.search is not None:
+        for key, spec in sweep.search.space.items():
+            _distribution(key, spec, str(path))
+            if not key.startswith("selector.") and key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+                raise SweepError(f"{path}: search space key '{key}' is not a config key")
+        if sweep.search.mode not in ("max", "min"):
+            raise SweepError(f"{path}: search mode must be max or min, got {sweep.search.mode!r}")
     for trial in sweep.trials() + sweep.warm_start_trials():  # every config valid before anything runs
         try:
             trial.config(Path("/tmp/cslbench-check"), sweep.name)
@@ -177,8 +197,9 @@ def trial_state(out: Path) -> str:
     return "partial" if (out / "checkpoint.pt").is_file() else "new"
 
 
-def _trainable(params: dict) -> None:
-    """One Ray Tune trial: an ordinary training run, resumed if it has a checkpoint."""
+def _trainable(params: dict, search: dict | None = None) -> None:
+    """One Ray Tune trial: an ordinary training run, resumed if it has a checkpoint.
+    `search` holds the values an ASHA search sampled for this trial."""
     import torch
     from ray import tune
 
@@ -189,8 +210,11 @@ def _trainable(params: dict) -> None:
     keep_freed_memory()
     torch.set_num_threads(max(1, int(params["threads"])))
     config = from_dict(params["config"])
-    for key, value in params.get("search", {}).items():
-        setattr(config, key, value)
+    if search:
+        apply(config, dict(search), "the search space")
+        tag = hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:8]
+        config.out = f"{config.out}-{tag}"
+        config.validate()
 
     class Report:
         mode = "ray"
@@ -200,7 +224,8 @@ def _trainable(params: dict) -> None:
 
         def log(self, metrics, step):
             self.inner.log(metrics, step)
-            tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"iter": step})
+            if "val_miou" in metrics:  # report at evaluations: what schedulers compare
+                tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"iter": step})
 
         def summary(self, values):
             self.inner.summary(values)
@@ -260,7 +285,7 @@ def run_sweep(
             self.done += 1
             print(f"[{self.tag} {self.done}/{self.total}] {trial.config['trial']['label']} FAILED (see its record.json)", flush=True)
 
-    trainable = tune.with_resources(lambda p: _trainable(p["trial"]), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+    trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
     threads = max(1, int(sweep.resources.cpu))
 
     def stage(trials: list[Trial], folder: Path, tag: str, init: dict[int, str] | None = None) -> None:
@@ -293,8 +318,32 @@ def run_sweep(
             ),
         ).fit()
 
+    if sweep.search is not None:
+        return _search(sweep, trainable, root / "search", threads, max_concurrent, verbose)
     warm = sweep.warm_start_trials()
     stage(warm, warm_dir, "warmup")
     init = {t.overrides.get("seed", 0): str(warm_dir / t.label) for t in warm}
     stage(sweep.trials(), trials_dir, "main", init if warm else None)
     return trials_dir
+
+
+def _search(sweep: Sweep, trainable, folder: Path, threads: int, max_concurrent, verbose: int) -> Path:
+    """ASHA at reduced budget: for choosing hyper-parameters, never for reporting."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = sweep.search
+    space = {k: _distribution(k, v, sweep.name) for k, v in s.space.items()}
+    for trial in sweep.trials():
+        config = trial.config(folder, sweep.name).to_dict()
+        scheduler = ASHAScheduler(
+            time_attr="iter", metric=s.metric, mode=s.mode, max_t=config["iters"],
+            grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+        )
+        tune.Tuner(
+            trainable,
+            param_space={"trial": {"config": config, "threads": threads, "label": trial.label}, "search": space},
+            tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler, max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=f"{sweep.name}-search", storage_path=str(folder.parent / "ray"), verbose=max(verbose, 1)),
+        ).fit()
+    return folder

@@ -48,7 +48,8 @@ def write(tmp_path, text):
 def test_every_shipped_sweep_file_is_valid(path):
     sweep = load_sweep(path)
     assert sweep.trials() and len({t.label for t in sweep.trials()}) == len(sweep.trials())
-    assert sweep.grid.get("seed") == [0, 1, 2]  # every cell is mean ± std over 3 seeds
+    if sweep.search is None:  # benchmark sweeps: every cell is mean ± std over 3 seeds
+        assert sweep.grid.get("seed") == [0, 1, 2]
 
 
 def test_default_sweep_has_every_method_and_one_budget():
@@ -121,3 +122,32 @@ def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
     for name, stamp in before.items():
         assert after[name] == stamp  # finished trials kept as they were, not rerun
     assert "| csl (alpha=8.0) |" in resumed.stdout  # and the leaderboard is printed
+
+
+def test_search_space_is_checked(tmp_path):
+    text = TINY + "search:\n  num_samples: 2\n  space:\n    lr: {lognormal: [0.1, 1]}\n"
+    with pytest.raises(SweepError, match="search space 'lr' must be one of"):
+        load_sweep(write(tmp_path, text))
+    text = TINY + "search:\n  space:\n    lrate: {uniform: [0.1, 1]}\n"
+    with pytest.raises(SweepError, match="'lrate' is not a config key"):
+        load_sweep(write(tmp_path, text))
+
+
+def test_asha_search_runs_sampled_trials(tmp_path):
+    from bench.sweeps import run_sweep
+
+    text = TINY.replace("  seed: [0, 1]", "  seed: [0]").replace(
+        "  - {name: supervised, framework: supervised}\n  - {name: fixed, selector: fixed}\n", ""
+    ) + "search:\n  num_samples: 3\n  grace_period: 2\n  reduction_factor: 2\n  space:\n    lr: {loguniform: [0.001, 0.1]}\n    selector.alpha: {choice: [2.0, 8.0]}\n"
+    sweep = load_sweep(write(tmp_path, text))
+    import ray
+
+    try:
+        folder = run_sweep(sweep, tmp_path / "store", verbose=0)
+    finally:
+        ray.shutdown()
+    runs = sorted(folder.glob("csl-seed=0-*/record.json"))
+    assert len(runs) == 3
+    configs = [json.loads(r.read_text())["config"] for r in runs]
+    assert all(0.001 <= c["lr"] <= 0.1 and c["selector_params"]["alpha"] in (2.0, 8.0) for c in configs)
+    assert len({c["lr"] for c in configs}) == 3
