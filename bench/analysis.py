@@ -128,7 +128,14 @@ def select_eval(preds: Predictions, names: list[str] | None = None, bootstrap: i
     n = len(preds.probs)
     counts = rng.multinomial(n, [1 / n] * n, size=bootstrap).astype(float)  # (B, n)
     boot_all, boot_cor = counts @ all_h, counts @ cor_h
-    rows = [_score_row("max confidence", conf, correct, labelled)]
+    top2 = [p.topk(2, dim=0).values for p in preds.probs]
+    margin = [t[0] - t[1] for t in top2]
+    certainty = [1 + (p * p.clamp(min=1e-12).log()).sum(0) / math.log(preds.num_classes) for p in preds.probs]
+    rows = [
+        _score_row("max confidence", conf, correct, labelled),
+        _score_row("margin (top-1 - top-2)", margin, correct, labelled),
+        _score_row("1 - normalised entropy", certainty, correct, labelled),
+    ]
     for name in names:
         kwargs = {"passes": preds.mc_logits[0].shape[0]} if name == "ups" and preds.mc_logits else {}
         sel = get_selector(name, num_classes=preds.num_classes, **kwargs)

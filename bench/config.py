@@ -8,7 +8,6 @@ sets a selector parameter. An unknown key is an error naming the closest valid k
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import types
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench.suggest import did_you_mean, read_yaml_mapping
 
 FRAMEWORKS = ("supervised", "fixmatch", "unimatch")
 NORMALISERS = ("valid", "selected")
@@ -133,13 +134,6 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
-def _closest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
-    if not close:  # e.g. lr_rate -> lr: a valid key inside the unknown one, or around it
-        close = sorted((f for f in _FIELDS if f in key or key in f), key=len, reverse=True)[:1]
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _coerce(key: str, value: Any) -> Any:
     hint = _HINTS[key]
     args = typing.get_args(hint)
@@ -201,7 +195,7 @@ def apply(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConf
             config.selector_params.update(value)
             continue
         if key not in _FIELDS:
-            raise ConfigError(f"unknown config key '{key}' in {source}{_closest(key)}")
+            raise ConfigError(f"unknown config key '{key}' in {source}{did_you_mean(key, _FIELDS)}")
         coerced = _coerce(key, value)
         if key == "selector_params":
             config.selector_params.update(coerced)
@@ -224,13 +218,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file, then the command line (which wins)."""
     config = TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value")
-        apply(config, data, str(path))
+        apply(config, read_yaml_mapping(path, ConfigError, "config file"), str(path))
     apply(config, parse_overrides(overrides or []), "the command line")
     return config.validate()
 

@@ -13,7 +13,6 @@ registry.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from bench.confidence import ClassMoments, class_moments
+from bench.suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "cslbench.selectors"
 BUILTIN_MODULES = (
@@ -245,7 +245,7 @@ def selector_class(name: str) -> type[Selector]:
     _load_selectors()
     if name not in _REGISTRY:
         raise ValueError(
-            f"unknown selector '{name}'{_did_you_mean(name, _REGISTRY)}; "
+            f"unknown selector '{name}'{did_you_mean(name, _REGISTRY)}; "
             f"available selectors: {', '.join(sorted(_REGISTRY))}"
         )
     return _REGISTRY[name]
@@ -257,7 +257,7 @@ def get_selector(name: str, num_classes: int, **params: Any) -> Selector:
     valid_params = _constructor_params(cls)
     unknown = [p for p in params if p not in valid_params]
     if unknown:
-        hint = _did_you_mean(unknown[0], valid_params)
+        hint = did_you_mean(unknown[0], valid_params)
         raise ValueError(
             f"selector '{name}' has no parameter {unknown[0]!r}{hint}; "
             f"valid parameters: {', '.join(valid_params) or '(none)'}"
@@ -279,11 +279,6 @@ def _constructor_params(cls: type[Selector]) -> dict[str, Any]:
 def selector_params(name: str) -> dict[str, Any]:
     """The parameters of a registered selector and their defaults."""
     return _constructor_params(selector_class(name))
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _describe(obj: Any) -> str:

@@ -16,7 +16,6 @@ their checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -25,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench.config import ConfigError, TrainConfig, apply
+from bench.suggest import did_you_mean, read_yaml_mapping
 
 PROTOCOLS = ("synthetic", "classic", "blended", "u2pl", "cityscapes", "coco", "camvid", "ablation")
 
@@ -127,18 +125,12 @@ def _check_keys(data: dict, cls, where: str) -> None:
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise SweepError(f"{where}: unknown key '{key}'{hint}; valid keys: {', '.join(valid)}")
+            raise SweepError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
 
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: a sweep file is a mapping of keys (name, protocol, base, methods, grid, ...)")
+    data = read_yaml_mapping(path, SweepError, "sweep file")
     _check_keys(data, Sweep, str(path))
     for key in ("name", "protocol", "methods"):
         if key not in data:

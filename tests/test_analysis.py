@@ -44,7 +44,8 @@ def test_a_fixed_threshold_gains_nothing_over_the_matched_threshold():
     assert rows["all"]["coverage"] == pytest.approx(1.0) and abs(rows["all"]["precision_gain"]) < 1e-9
     lo, hi = rows["csl"]["gain_ci"]
     assert lo <= rows["csl"]["precision_gain"] <= hi
-    assert 0.5 < rows["max confidence"]["auroc"] < 1
+    for score in ("max confidence", "margin (top-1 - top-2)", "1 - normalised entropy"):
+        assert 0.5 < rows[score]["auroc"] < 1
 
 
 def test_figures_are_written(tmp_path):
