@@ -1,0 +1,1 @@
+"""Datasets: the synthetic generator, real dataset layouts, splits, augmentation, loaders."""
