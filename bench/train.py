@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from bench.config import TrainConfig, from_dict
+from bench.config import TrainConfig
 from bench.data.loaders import MIX, UNLABELED, EvalSet, LabeledSet, UnlabeledSet, iteration_loader
 from bench.data.sources import get_source
 from bench.data.splits import load_split
@@ -509,7 +509,3 @@ class Trainer:
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
     return Trainer(config, resume=resume, show_progress=show_progress).run()
-
-
-def config_from_record(record: dict) -> TrainConfig:
-    return from_dict(record["config"])

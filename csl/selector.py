@@ -8,7 +8,6 @@ rule) is the reliable one; pixels more confident or less spread than its mean ge
 
 from __future__ import annotations
 
-import torch
 
 from bench.selection import Selection, Selector, register_selector
 from csl.features import FEATURES, VARIANCES, confidence_features

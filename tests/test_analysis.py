@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from bench import analysis
 from bench.analysis import Predictions, _precision_at_count, select_eval
