@@ -109,6 +109,13 @@ class SelectionQualityMeter:
                 raise ValueError(f"SelectionQualityMeter: state '{k}' has shape {tuple(state[k].shape)}, expected {tuple(getattr(self, k).shape)}")
             setattr(self, k, state[k].clone())
 
+    def since(self, earlier: dict[str, Tensor]) -> dict:
+        """compute() over only what was added after `earlier` (a state_dict of this meter):
+        interval statistics without a second meter updated on every batch."""
+        delta = SelectionQualityMeter(self.num_classes, self.auroc_bins)
+        delta.load_state_dict({k: getattr(self, k) - earlier[k] for k in self._STATE})
+        return delta.compute()
+
     def update(self, selection: Selection, gt: Tensor, ignore_index: int = 255, valid: Tensor | None = None) -> None:
         if gt.shape != selection.label.shape:
             raise ValueError(

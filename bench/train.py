@@ -109,7 +109,7 @@ class Trainer:
             raise ValueError(f"framework={cfg.framework} needs unlabeled images, but split {self.split.origin} has none")
         self.selector = get_selector(cfg.selector, num_classes=self.num_classes, **cfg.selector_params) if self.semi else None
         self.meter = SelectionQualityMeter(self.num_classes)  # over all of training
-        self.interval_meter = SelectionQualityMeter(self.num_classes)  # since the last log
+        self.meter_at_log = self.meter.state_dict()  # the meter at the last log step
         self.start_iter = 0
         self.curves: list[dict] = []
         self.best_val = (math.nan, -1)
@@ -210,8 +210,7 @@ class Trainer:
         self._sync()
         self.cost["selector_s"] += time.perf_counter() - start
         gt = torch.cat([unl["gt"], mix["gt"]])
-        for meter in (self.meter, self.interval_meter):
-            meter.update(selection, gt, ignore_index=IGNORE, valid=valid)
+        self.meter.update(selection, gt, ignore_index=IGNORE, valid=valid)
         return selection
 
     @torch.no_grad()
@@ -365,9 +364,9 @@ class Trainer:
         point = {"iter": done, "lr": lr}
         point.update({k: v / max(self.pending_steps, 1) for k, v in self.pending_losses.items()})
         if self.semi:
-            q = self.interval_meter.compute()
+            q = self.meter.since(self.meter_at_log)
             point.update(sel_precision=q["precision"], sel_recall=q["recall"], sel_coverage=q["coverage"], sel_weighted_precision=q["weighted_precision"])
-            self.interval_meter.reset()
+            self.meter_at_log = self.meter.state_dict()
         point.update(self.pending_eval)
         self.pending_eval = {}
         self.pending_losses, self.pending_steps = {}, 0
@@ -458,7 +457,7 @@ class Trainer:
             "selector": self.selector.state_dict() if self.selector is not None else None,
             "rng": rng_state(),
             "meter": self.meter.state_dict(),
-            "interval_meter": self.interval_meter.state_dict(),
+            "meter_at_log": self.meter_at_log,
             "curves": self.curves,
             "best_val": list(self.best_val),
             "last_eval": getattr(self, "last_eval", None),
@@ -488,7 +487,7 @@ class Trainer:
         if self.selector is not None:
             self.selector.load_state_dict(state["selector"])
         self.meter.load_state_dict(state["meter"])
-        self.interval_meter.load_state_dict(state["interval_meter"])
+        self.meter_at_log = {k: v.clone() for k, v in state["meter_at_log"].items()}
         set_rng_state(state["rng"])
         self.start_iter = state["iteration"]
         self.curves = state["curves"]

@@ -89,3 +89,15 @@ def test_auroc_against_pairwise_count():
     pairwise = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean()
     hist = lambda x: torch.bincount(x, minlength=50)  # noqa: E731
     assert auroc_from_histograms(hist(pos), hist(neg)) == pytest.approx(float(pairwise))
+
+
+def test_since_equals_a_fresh_meter_over_the_later_batches():
+    a = SelectionQualityMeter(num_classes=3, auroc_bins=11)
+    b = SelectionQualityMeter(num_classes=3, auroc_bins=11)
+    gt = torch.tensor([0, 0, 1, 1, 2, 2]).view(1, 1, -1)
+    a.update(sel([0, 1, 1, 1, 2, 0], [1, 1, 1, 0.5, 1, 0.2], [True, True, True, False, True, False]), gt)
+    snapshot = a.state_dict()
+    later = sel([0, 0, 2, 1, 2, 2], [1, 0.3, 1, 1, 0, 1], [True, False, True, True, False, True])
+    a.update(later, gt)
+    b.update(later, gt)
+    assert a.since(snapshot) == b.compute()
