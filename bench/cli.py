@@ -19,6 +19,13 @@ def _threads(value: int | None) -> None:
         torch.set_num_threads(value)
 
 
+def show(value, digits: int = 4) -> str:
+    """A number, or "–" where it is undefined (null in a record, NaN)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        return "–"
+    return f"{value:.{digits}f}"
+
+
 def _devices(choice: str) -> list[str]:
     if choice == "all":
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -80,7 +87,8 @@ def cmd_train(args) -> None:
     from bench.config import ConfigError, load_config
     from bench.data.sources import DataError
     from bench.models import WeightsError
-    from bench.train import ResumeError, train
+    from bench.records import CheckpointError
+    from bench.train import DivergedError, ResumeError, train
 
     _threads(args.threads)
     try:
@@ -92,12 +100,12 @@ def cmd_train(args) -> None:
         return
     try:
         record = train(config, resume=args.resume)
-    except (DataError, WeightsError, ResumeError, ValueError, FileNotFoundError) as exc:
+    except (DataError, WeightsError, ResumeError, DivergedError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
-    final, sel = record["final"], record.get("selection")
-    line = f"{config.out}: mIoU {final['miou']:.4f} (best on val {final['miou_best_val']:.4f})"
+    final, sel = record.get("final") or {}, record.get("selection") or {}
+    line = f"{config.out}: mIoU {show(final.get('miou'))} (best on val {show(final.get('miou_best_val'))})"
     if sel:
-        line += f"; selection precision {sel['precision']:.4f} recall {sel['recall']:.4f} coverage {sel['coverage']:.4f}"
+        line += f"; selection precision {show(sel.get('precision'))} recall {show(sel.get('recall'))} coverage {show(sel.get('coverage'))}"
     print(line)
 
 
@@ -138,11 +146,17 @@ def cmd_sweep(args) -> None:
 
     try:
         sweep = load_sweep(args.file)
-        trials = run_sweep(sweep, args.storage, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent, verbose=2 if args.verbose else 0)
+        outcome = run_sweep(
+            sweep, args.storage, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent,
+            verbose=2 if args.verbose else 0, rerun_stale=args.rerun_stale,
+        )
     except SweepError as exc:
         raise SystemExit(f"error: {exc}")
-    print(f"\ntrials in {trials}\n")
-    print(leaderboard(trials), end="")
+    print(f"\ntrials in {outcome.trials_dir}\n")
+    print(leaderboard(outcome.trials_dir), end="")
+    if not outcome.ok:
+        print(f"\n{outcome.summary()}", file=sys.stderr)
+        raise SystemExit(f"sweep {sweep.name}: {len(outcome.failed)} failed, {len(outcome.skipped)} skipped (records in {outcome.trials_dir.parent})")
 
 
 def cmd_select_eval(args) -> None:
@@ -233,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a sweep file on Ray Tune, then print its leaderboard")
     sw.add_argument("file", help="sweep YAML (see sweeps/)")
     sw.add_argument("--storage", default="runs/sweeps", help="folder (shared on a cluster) for trials and Ray state")
-    sw.add_argument("--address", help="Ray cluster address (e.g. auto); default RAY_ADDRESS or a local Ray")
+    sw.add_argument("--address", help="Ray cluster to join (host:port or auto); default RAY_ADDRESS, else a private local Ray")
     sw.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     sw.add_argument("--resume", action="store_true", help="continue: keep finished trials, resume the others")
+    sw.add_argument("--rerun-stale", action="store_true", help="with --resume: rerun trials whose config no longer matches the file")
     sw.add_argument("--verbose", action="store_true", help="Ray's own progress tables instead of one line per trial")
     sw.set_defaults(func=cmd_sweep)
 

@@ -29,7 +29,12 @@ EVAL_MODES = ("whole", "sliding", "center")
 DATASET_DEFAULTS = {"synthetic": {"scale_min": 0.8, "scale_max": 1.25, "protocol": "synthetic"}}
 GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0, "protocol": "classic"}
 # Keys that say where or how loudly a run works, not what it computes: left out of the hash.
-NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "device")
+# `init_from` is a location too: the run it names enters the hash as `init_from_hash`, so a
+# storage folder can be moved and still resumed.
+NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "init_from")
+# Keys holding file-system paths: relative ones resolve against the directory the command
+# was launched from, once, when the config is built (Ray runs trials in other folders).
+PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
 
 
 @dataclass
@@ -58,6 +63,7 @@ class TrainConfig:
     pretrained: str | None = None  # a local weights file, or "timm" (local timm/HF cache only)
     output_stride: int | None = None  # timm output_stride (8 or 16 dilates the last stages)
     init_from: str | None = None  # a run folder (or checkpoint.pt) whose model weights start this run
+    init_from_hash: str | None = None  # config hash of that run; filled in from its checkpoint when unset
     head_channels: int = 64
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18])
     dropout_fp: float = 0.5  # feature perturbation (UniMatch): Dropout2d on the features
@@ -108,6 +114,23 @@ class TrainConfig:
             raise ConfigError("csl_mask_view=true needs framework=unimatch (it replaces the second strong view)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from bench.selection import check_selector
+
+        try:
+            check_selector(self.selector, self.selector_params)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+    def absolute(self, base: str | Path | None = None) -> "TrainConfig":
+        """Make every relative path absolute against `base` (default: the current folder)."""
+        base = Path(base or Path.cwd())
+        for key in PATH_KEYS:
+            value = getattr(self, key)
+            if value is None or (key == "pretrained" and value == "timm"):
+                continue
+            path = Path(value).expanduser()
+            setattr(self, key, str(path if path.is_absolute() else (base / path).absolute()))
         return self
 
     @property
@@ -119,8 +142,7 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Identifies what the run computes (not where it writes)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_KEYS}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(result_keys(self.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -128,6 +150,25 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+def result_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys that decide what a run computes. The device enters as its type (cuda:1 and
+    cuda compute the same; cpu and cuda do not: CUDA runs in bf16)."""
+    data = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    if isinstance(data.get("device"), str):
+        data["device"] = data["device"].split(":")[0]
+    return data
+
+
+def config_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Result keys whose values differ: {key: (stored, wanted)}. What a run resolves when it
+    starts (device `auto`, the hash of its warm start) accepts whatever the run resolved."""
+    a, b = result_keys(stored), result_keys(wanted)
+    for key, unresolved in (("device", "auto"), ("init_from_hash", None)):
+        if b.get(key) == unresolved and key in a:
+            b[key] = a[key]
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -220,7 +261,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         apply(config, read_yaml_mapping(path, ConfigError, "config file"), str(path))
     apply(config, parse_overrides(overrides or []), "the command line")
-    return config.validate()
+    return config.absolute().validate()
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:

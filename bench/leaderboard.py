@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 from scipy import stats
 
-from bench.records import RECORD
+from bench.records import RECORD, describe_error
 
 GROUP_KEYS = ("dataset", "protocol", "backbone", "budget", "framework", "normaliser")
 SHARED_KEYS = GROUP_KEYS[:4]  # what a supervised-only run must share to join a group
@@ -82,7 +82,7 @@ def record_row(record: dict, path: Path, by: str | None = None) -> dict:
     return {
         "run": str(path.parent),
         "status": record.get("status", "unknown"),
-        "error": record.get("error"),
+        "error": describe_error(record.get("error")) or None,
         "dataset": cfg["dataset"],
         "protocol": cfg["protocol"],
         "backbone": cfg["backbone"],
@@ -114,12 +114,14 @@ def load_rows(root: str | Path, by: str | None = None) -> tuple[pl.DataFrame, pl
         try:
             record = json.loads(path.read_text())
             row = record_row(record, path, by)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             if isinstance(exc, KeyError) and by and "--by" in str(exc):
                 raise
             others.append({"run": str(path.parent), "status": "unreadable", "error": str(exc)})
             continue
         (rows if row["status"] == "complete" and row["miou"] is not None else others).append(row)
+        if row["status"] == "complete" and row["miou"] is None:
+            row["error"] = row["error"] or "complete, but its final mIoU is undefined"
     schema_cols = ["run", "status", "error"]
     frame = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
     other = pl.DataFrame([{k: r.get(k) for k in schema_cols} for r in others], schema={k: pl.Utf8 for k in schema_cols})
@@ -262,7 +264,7 @@ def render(tables: list[Table], others: pl.DataFrame, fmt: str = "markdown") -> 
         elif fmt == "latex":
             parts.append("% not in the tables:\n" + "\n".join(f"% {x}" for x in listing))
         else:
-            parts.append("Not in the tables (running, failed or unreadable):\n" + "\n".join(f"- {x}" for x in listing))
+            parts.append("Not in the tables (running, failed, skipped or unreadable):\n" + "\n".join(f"- {x}" for x in listing))
     return "\n\n".join(parts) + "\n"
 
 

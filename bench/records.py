@@ -1,9 +1,11 @@
 """Run records and checkpoints: the source of truth for every result.
 
-`record.json` is rewritten atomically (temp file + rename) at every log step, so a reader
-or a crash sees the previous version or the next, never half of one. Checkpoints hold
+`record.json` is rewritten atomically (temp file + fsync + rename) at every log step, so a
+reader or a crash sees the previous version or the next, never half of one. Checkpoints hold
 everything needed to continue to the same result: model, optimiser, EMA teacher, selector
-state, RNG states, meters and curves.
+state, RNG states, meters and curves. The checkpoint before the newest is kept as
+`checkpoint.prev.pt`: a newest one that cannot be read (a disk that filled up, a copy cut
+short) costs one checkpoint interval, not the run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import torch
 
 RECORD = "record.json"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -36,9 +43,19 @@ def atomic_write_text(path: Path | str, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: the folder entry is data too."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_safe(value: Any) -> Any:
@@ -61,19 +78,70 @@ def read_record(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_record_or_none(out: Path) -> dict | None:
+    """The record, or None when there is none or it cannot be parsed (a half-written file
+    from a crash outside our atomic writes, or a hand edit)."""
+    try:
+        record = read_record(out)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def failure(exc: BaseException, iteration: int | None) -> dict:
+    """What a failed run's record says about why."""
+    message = str(exc).strip() or type(exc).__name__
+    return {"type": type(exc).__name__, "message": message, "iteration": iteration}
+
+
+def describe_error(error: Any) -> str:
+    """One line for tables and summaries (older records hold a plain string)."""
+    if isinstance(error, dict):
+        where = f" at iteration {error['iteration']}" if error.get("iteration") is not None else ""
+        first = str(error.get("message", "")).strip().splitlines()
+        return f"{error.get('type', 'error')}{where}: {first[0] if first else ''}"
+    return str(error) if error else ""
+
+
 def save_checkpoint(out: Path, state: dict) -> None:
-    path = Path(out) / CHECKPOINT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    """Write, fsync, then rotate: checkpoint.pt -> checkpoint.prev.pt, new -> checkpoint.pt."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    tmp = out / f".{CHECKPOINT}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, previous)
     os.replace(tmp, path)
+    _fsync_dir(out)
 
 
 def load_checkpoint(out: Path) -> dict | None:
-    path = Path(out) / CHECKPOINT
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The newest readable checkpoint; None when there is none. A newest one that cannot be
+    read falls back to the previous one with a warning; none readable is an error naming
+    the files."""
+    import warnings
+
+    out = Path(out)
+    files = [p for p in (out / CHECKPOINT, out / PREVIOUS_CHECKPOINT) if p.is_file()]
+    errors = []
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, bad pickle, ...
+            errors.append(f"{file}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        if errors:
+            warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {file} (iteration {state.get('iteration')})")
+        return state
+    if errors:
+        raise CheckpointError(
+            "no readable checkpoint:\n  " + "\n  ".join(errors) + f"\ndelete them to start {out} over"
+        )
+    return None
 
 
 def rng_state() -> dict:

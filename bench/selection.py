@@ -251,8 +251,9 @@ def selector_class(name: str) -> type[Selector]:
     return _REGISTRY[name]
 
 
-def get_selector(name: str, num_classes: int, **params: Any) -> Selector:
-    """Build the selector registered as `name`; unknown parameters are an error."""
+def check_selector(name: str, params: dict[str, Any]) -> type[Selector]:
+    """The class registered as `name`, after checking that it takes every parameter given:
+    configs and sweep files are checked with this before anything runs."""
     cls = selector_class(name)
     valid_params = _constructor_params(cls)
     unknown = [p for p in params if p not in valid_params]
@@ -262,7 +263,12 @@ def get_selector(name: str, num_classes: int, **params: Any) -> Selector:
             f"selector '{name}' has no parameter {unknown[0]!r}{hint}; "
             f"valid parameters: {', '.join(valid_params) or '(none)'}"
         )
-    return cls(num_classes=num_classes, **params)
+    return cls
+
+
+def get_selector(name: str, num_classes: int, **params: Any) -> Selector:
+    """Build the selector registered as `name`; unknown parameters are an error."""
+    return check_selector(name, params)(num_classes=num_classes, **params)
 
 
 def _constructor_params(cls: type[Selector]) -> dict[str, Any]:

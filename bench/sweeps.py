@@ -8,23 +8,39 @@ list of `methods` (each a named set of overrides), a `grid` of keys whose lists 
 anything runs; an unknown key names the closest valid one.
 
 Each trial is an ordinary `cslbench train` run in `<storage>/<sweep>/trials/<trial>` (warm
-starts in `<storage>/<sweep>/warmup/`): its record.json is the source of truth. Trial folders are named by their overrides, so
-`--resume` skips every trial whose record is complete and continues the others from
-their checkpoints.
+starts in `<storage>/<sweep>/warmup/`): its record.json is the source of truth. Trial
+folders are named by their overrides, so `--resume` skips every trial whose record is
+complete and continues the others from their checkpoints; a finished trial whose config no
+longer matches the sweep file is an error (`--rerun-stale` moves it to `stale/` and reruns
+it). Relative paths in a sweep file resolve against the folder the command runs in, and the
+data of every trial is checked before Ray starts. A failed trial leaves a record saying why;
+a failed warm start skips the trials that need it; the command exits non-zero when anything
+failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import ConfigError, TrainConfig, apply
+from bench.config import ConfigError, TrainConfig, apply, config_differences
+from bench.records import (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    describe_error,
+    failure,
+    read_record_or_none,
+    write_record,
+)
 from bench.suggest import did_you_mean, read_yaml_mapping
 
 PROTOCOLS = ("synthetic", "classic", "blended", "u2pl", "cityscapes", "coco", "camvid", "ablation")
@@ -103,10 +119,11 @@ class Trial:
     overrides: dict[str, Any]
 
     def config(self, out: Path, sweep: str, init_from: str | None = None) -> TrainConfig:
+        """The trial's config; relative paths resolve against the current folder."""
         values = {**self.overrides, "out": str(out / self.label), "wandb_group": sweep}
         if init_from:
             values["init_from"] = init_from
-        return apply(TrainConfig(), values, f"trial {self.label}").validate()
+        return apply(TrainConfig(), values, f"trial {self.label}").absolute().validate()
 
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
@@ -175,23 +192,122 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 # --------------------------------------------------------------------------------------
-# Running on Ray Tune
+# Before anything runs: paths, data, stale trials, the storage lock
 # --------------------------------------------------------------------------------------
 def trial_state(out: Path) -> str:
     """complete | partial (has a checkpoint) | new"""
-    record = out / "record.json"
-    if record.is_file():
+    record = read_record_or_none(out)
+    if record is not None and record.get("status") == "complete":
+        return "complete"
+    return "partial" if any((out / name).is_file() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)) else "new"
+
+
+def check_inputs(configs: dict[str, TrainConfig]) -> None:
+    """Every data root, split and file a trial will read exists: one error listing what
+    is missing and which trials need it, before any trial is scheduled."""
+    from bench.data.sources import DataError, get_source
+    from bench.data.splits import load_split
+
+    problems: dict[str, list[str]] = {}
+    seen: dict[tuple, str | None] = {}
+    for label, cfg in configs.items():
+        key = (cfg.dataset, cfg.root, cfg.split_dir, cfg.split, cfg.labeled)
+        if key not in seen:
+            try:
+                load_split(get_source(cfg.dataset, cfg.root), cfg.split_dir, cfg.split, cfg.labeled)
+                seen[key] = None
+            except DataError as exc:
+                seen[key] = str(exc)
+        if seen[key]:
+            problems.setdefault(seen[key], []).append(label)
+        if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
+            problems.setdefault(f"pretrained={cfg.pretrained} is not a file", []).append(label)
+    if problems:
+        lines = [f"{message}\n  (needed by {len(labels)} trials: {', '.join(labels[:4])}{', ...' if len(labels) > 4 else ''})" for message, labels in problems.items()]
+        raise SweepError("the sweep cannot start; nothing was run:\n" + "\n".join(lines))
+
+
+def stale_trials(trials: list[tuple[Trial, TrainConfig]]) -> dict[str, dict[str, tuple]]:
+    """Trials whose stored config differs from the sweep file's: {label: {key: (stored, now)}}."""
+    stale = {}
+    for trial, cfg in trials:
+        record = read_record_or_none(Path(cfg.out))
+        if record is None or "config" not in record:
+            continue
+        diff = config_differences(record["config"], cfg.to_dict())
+        if diff:
+            stale[trial.label] = diff
+    return stale
+
+
+def _describe_stale(stale: dict[str, dict[str, tuple]]) -> str:
+    lines = []
+    for label, diff in stale.items():
+        shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        lines.append(f"  {label}: {shown}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def storage_lock(folder: Path):
+    """One sweep at a time per storage folder. flock is released by the kernel when its
+    holder dies, so a crashed sweep never leaves the folder locked."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".sweep.lock"
+    with open(path, "a+") as handle:
         try:
-            if json.loads(record.read_text()).get("status") == "complete":
-                return "complete"
-        except json.JSONDecodeError:
-            pass
-    return "partial" if (out / "checkpoint.pt").is_file() else "new"
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SweepError(
+                f"{folder} is in use by another `cslbench sweep` ({holder}); wait for it to finish, "
+                "or use another --storage"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------
+# Running on Ray Tune
+# --------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What a sweep ran: where its trials are, and what failed or was skipped and why."""
+
+    trials_dir: Path
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.skipped
+
+    def summary(self) -> str:
+        lines = []
+        if self.failed:
+            lines.append(f"{len(self.failed)} trials FAILED:")
+            lines += [f"  {label}: {why}" for label, why in self.failed.items()]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} trials skipped:")
+            lines += [f"  {label}: {why}" for label, why in self.skipped.items()]
+        return "\n".join(lines)
 
 
 def _trainable(params: dict, search: dict | None = None) -> None:
     """One Ray Tune trial: an ordinary training run, resumed if it has a checkpoint.
-    `search` holds the values an ASHA search sampled for this trial."""
+    `search` holds the values an ASHA search sampled for this trial. Whatever fails, the
+    trial's record says so before the error reaches Ray."""
     import torch
     from ray import tune
 
@@ -208,27 +324,68 @@ def _trainable(params: dict, search: dict | None = None) -> None:
         config.out = f"{config.out}-{tag}"
         config.validate()
 
-    class Report:
-        mode = "ray"
+    def report(point: dict, step: int) -> None:
+        if "val_miou" in point:  # report at evaluations: what schedulers compare
+            tune.report({k: v for k, v in point.items() if isinstance(v, (int, float))} | {"iter": step})
 
-        def __init__(self, inner):
-            self.inner = inner
+    try:
+        trainer = Trainer(config, resume=True, show_progress=False, on_log=report)
+    except BaseException as exc:  # before the trainer could write its own record
+        write_failed_record(Path(config.out), config.to_dict(), exc)
+        raise
+    trainer.run()
 
-        def log(self, metrics, step):
-            self.inner.log(metrics, step)
-            if "val_miou" in metrics:  # report at evaluations: what schedulers compare
-                tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"iter": step})
 
-        def summary(self, values):
-            self.inner.summary(values)
+def write_failed_record(out: Path, config: dict, exc: BaseException | str, iteration: int | None = None) -> None:
+    """Mark `out` failed, keeping what its record already holds (curves, config)."""
+    record = read_record_or_none(out) or {"name": out.name, "config": config, "iteration": 0, "curves": []}
+    if record.get("status") == "complete":
+        return
+    error = failure(exc, iteration if iteration is not None else record.get("iteration")) if isinstance(exc, BaseException) else {
+        "type": "TrialError", "message": exc, "iteration": record.get("iteration")}
+    record.update(status="failed", error=error)
+    write_record(out, record)
 
-        def finish(self, failed=False):
-            self.inner.finish(failed)
 
-    from bench.tracking import start_tracking
+def connect_ray(address: str | None, verbose: int) -> None:
+    """A private local Ray unless an address is given; a given one must answer within 10 s.
+    (ray.init() without an address would join any cluster it finds in its temp folder,
+    including one whose head has died, and retry for minutes.)"""
+    import ray
 
-    inner = start_tracking(config.to_dict(), Path(config.out).name, Path(config.out), config.wandb_project, config.wandb_group, config.wandb_mode)
-    Trainer(config, resume=True, tracker=Report(inner), show_progress=False).run()
+    if ray.is_initialized():
+        return
+    options = dict(include_dashboard=False, log_to_driver=verbose > 1, configure_logging=False)
+    if not address:
+        ray.init(address="local", **options)
+        return
+    host_port = _bootstrap_address(address)
+    if host_port is not None:
+        host, _, port = host_port.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except (OSError, ValueError) as exc:
+            raise SweepError(
+                f"Ray cluster at --address {address} ({host_port}) cannot be reached: {exc}. "
+                "Start it (`ray start --head`), fix the address, or leave --address out to run on a private local Ray"
+            ) from None
+    ray.init(address=address, **options)
+
+
+def _bootstrap_address(address: str) -> str | None:
+    """host:port that --address names (`auto`: the cluster Ray last recorded on this machine)."""
+    text = address.removeprefix("ray://")
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            found = canonicalize_bootstrap_address("auto")
+        except Exception as exc:  # ConnectionError when none is recorded
+            raise SweepError(f"--address auto: no running Ray cluster found on this machine ({exc})") from None
+        if found is None:
+            raise SweepError("--address auto: no running Ray cluster found on this machine")
+        return found
+    return text if ":" in text else None
 
 
 def run_sweep(
@@ -238,62 +395,65 @@ def run_sweep(
     address: str | None = None,
     max_concurrent: int | None = None,
     verbose: int = 1,
-) -> Path:
-    """Run every trial not yet complete; return the folder holding the trials."""
-    import ray
+    rerun_stale: bool = False,
+) -> Outcome:
+    """Run every trial not yet complete; report what failed."""
+    root = Path(storage).expanduser().resolve() / sweep.name
+    with storage_lock(root):
+        return _run_locked(sweep, root, resume, address, max_concurrent, verbose, rerun_stale)
+
+
+def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rerun_stale) -> Outcome:
     from ray import tune
 
-    root = Path(storage).expanduser().resolve() / sweep.name
-    trials_dir = root / "trials"
-    warm_dir = root / "warmup"
-    existing = [t for t in sweep.trials() if trial_state(trials_dir / t.label) != "new"]
-    existing += [t for t in sweep.warm_start_trials() if trial_state(warm_dir / t.label) != "new"]
+    trials_dir, warm_dir = root / "trials", root / "warmup"
+    warm = [(t, t.config(warm_dir, sweep.name)) for t in sweep.warm_start_trials()]
+    init = {t.overrides.get("seed", 0): str(warm_dir / t.label) for t, _ in warm}
+    main = [(t, t.config(trials_dir, sweep.name, init.get(t.overrides.get("seed", 0)) if warm else None)) for t in sweep.trials()]
+    check_inputs({t.label: c for t, c in warm + main})
+
+    if sweep.search is not None:
+        return _search(sweep, root, resume, address, max_concurrent, verbose)
+    existing = [t.label for t, c in warm + main if trial_state(Path(c.out)) != "new"]
     if existing and not resume:
         raise SweepError(
-            f"{trials_dir} already holds {len(existing)} trials of this sweep; pass --resume to continue it "
+            f"{root} already holds {len(existing)} trials of this sweep; pass --resume to continue it "
             "(finished trials are kept) or choose another --storage"
         )
+    stale = stale_trials(warm + main)
+    stale_seeds = {t.overrides.get("seed", 0) for t, _ in warm if t.label in stale}
+    for t, c in main:  # a changed warm start makes every trial that continues from it stale
+        if warm and t.overrides.get("seed", 0) in stale_seeds and t.label not in stale and trial_state(Path(c.out)) != "new":
+            stale[t.label] = {"warm start": ("stale", "rerun")}
+    if stale:
+        if not rerun_stale:
+            raise SweepError(
+                f"{len(stale)} trials in {root} were run with another config than the sweep file now gives:\n"
+                f"{_describe_stale(stale)}\npass --rerun-stale to move them to {root / 'stale'} and run them again, "
+                "or restore the sweep file"
+            )
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for t, c in warm + main:
+            if t.label in stale:
+                target = root / "stale" / stamp / Path(c.out).parent.name / t.label
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(c.out, target)
+        print(f"moved {len(stale)} stale trials to {root / 'stale' / stamp}; running them again", flush=True)
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1, configure_logging=False) if address else ray.init(
-            include_dashboard=False, log_to_driver=verbose > 1, configure_logging=False
-        )
-    class Progress(tune.Callback):
-        """One line per finished trial (Ray's own tables with --verbose)."""
-
-        def __init__(self, total: int, tag: str):
-            self.total, self.tag, self.done = total, tag, 0
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            result = trial.last_result or {}
-            miou = result.get("val_miou")
-            shown = f"val mIoU {100 * miou:.1f}" if isinstance(miou, float) else ""
-            print(f"[{self.tag} {self.done}/{self.total}] {trial.config['trial']['label']} done {shown}", flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            print(f"[{self.tag} {self.done}/{self.total}] {trial.config['trial']['label']} FAILED (see its record.json)", flush=True)
-
+    connect_ray(address or os.environ.get("RAY_ADDRESS"), verbose)
     trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
     threads = max(1, int(sweep.resources.cpu))
+    outcome = Outcome(trials_dir)
 
-    def stage(trials: list[Trial], folder: Path, tag: str, init: dict[int, str] | None = None) -> None:
-        todo = [t for t in trials if trial_state(folder / t.label) != "complete"]
+    def stage(trials: list[tuple[Trial, TrainConfig]], tag: str) -> None:
+        todo = [(t, c) for t, c in trials if trial_state(Path(c.out)) != "complete"]
         if not todo:
             return
         print(f"{sweep.name} {tag}: {len(todo)} trials to run ({len(trials) - len(todo)} already complete)", flush=True)
-        configs = [
-            {
-                "config": t.config(folder, sweep.name, (init or {}).get(t.overrides.get("seed", 0))).to_dict(),
-                "threads": threads,
-                "label": t.label,
-            }
-            for t in todo
-        ]
-        tune.Tuner(
+        configs = [{"config": c.to_dict(), "threads": threads, "label": t.label} for t, c in todo]
+        grid = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(configs)},
             tune_config=tune.TuneConfig(
@@ -305,37 +465,104 @@ def run_sweep(
                 name=f"{sweep.name}-{tag}",
                 storage_path=str(root / "ray"),
                 verbose=verbose,
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=0),  # a failure is reported, not retried away
                 callbacks=[Progress(len(todo), tag)] if verbose < 2 else [],
             ),
         ).fit()
+        errors = {r.config["trial"]["label"]: r.error for r in grid if r.error is not None}
+        for t, c in todo:
+            out = Path(c.out)
+            if trial_state(out) == "complete":
+                continue
+            record = read_record_or_none(out) or {}
+            if record.get("status") != "failed":  # died without a word (killed, out of memory)
+                why = errors.get(t.label)
+                write_failed_record(out, c.to_dict(), str(why).strip().splitlines()[-1] if why else "the trial ended without finishing (no error reported)")
+                record = read_record_or_none(out) or {}
+            outcome.failed[t.label] = describe_error(record.get("error"))
 
-    if sweep.search is not None:
-        return _search(sweep, trainable, root / "search", threads, max_concurrent, verbose)
-    warm = sweep.warm_start_trials()
-    stage(warm, warm_dir, "warmup")
-    init = {t.overrides.get("seed", 0): str(warm_dir / t.label) for t in warm}
-    stage(sweep.trials(), trials_dir, "main", init if warm else None)
-    return trials_dir
+    stage(warm, "warmup")
+    failed_seeds = {t.overrides.get("seed", 0): t.label for t, _ in warm if t.label in outcome.failed}
+    runnable = []
+    for t, c in main:
+        seed = t.overrides.get("seed", 0)
+        if seed in failed_seeds and trial_state(Path(c.out)) != "complete":
+            why = f"warm start {failed_seeds[seed]} failed ({outcome.failed[failed_seeds[seed]]})"
+            outcome.skipped[t.label] = why
+            write_record(Path(c.out), {"name": t.label, "status": "skipped", "config": c.to_dict(), "iteration": 0, "curves": [],
+                                       "error": {"type": "Skipped", "message": why, "iteration": None}})
+        else:
+            runnable.append((t, c))
+    if outcome.skipped:
+        print(f"{sweep.name}: skipping {len(outcome.skipped)} trials whose warm start failed", flush=True)
+    stage(runnable, "main")
+    return outcome
 
 
-def _search(sweep: Sweep, trainable, folder: Path, threads: int, max_concurrent, verbose: int) -> Path:
-    """ASHA at reduced budget: for choosing hyper-parameters, never for reporting."""
+def _progress_class():
+    from ray import tune
+
+    class Progress(tune.Callback):
+        """One line per finished trial (Ray's own tables with --verbose)."""
+
+        def __init__(self, total: int, tag: str):
+            self.total, self.tag, self.done = total, tag, 0
+
+        def _line(self, trial, text: str) -> None:
+            self.done += 1
+            print(f"[{self.tag} {self.done}/{self.total}] {trial.config['trial']['label']} {text}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            record = read_record_or_none(Path(trial.config["trial"]["config"]["out"])) or {}
+            miou = (record.get("final") or {}).get("miou")
+            self._line(trial, "done" + (f", mIoU {100 * miou:.1f}" if isinstance(miou, (int, float)) else ""))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            record = read_record_or_none(Path(trial.config["trial"]["config"]["out"])) or {}
+            self._line(trial, f"FAILED: {describe_error(record.get('error')) or 'see Ray output (--verbose)'}")
+
+    return Progress
+
+
+def Progress(total: int, tag: str):  # noqa: N802 - built lazily: ray is imported only to run
+    return _progress_class()(total, tag)
+
+
+def _search(sweep: Sweep, root: Path, resume: bool, address, max_concurrent, verbose: int) -> Outcome:
+    """ASHA at reduced budget: for choosing hyper-parameters, never for reporting. One Tune
+    experiment per trial of the grid; `--resume` restores unfinished experiments."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     s = sweep.search
+    folder = root / "search"
     space = {k: _distribution(k, v, sweep.name) for k, v in s.space.items()}
+    names = {trial.label: f"{sweep.name}-search-{trial.label}" for trial in sweep.trials()}
+    started = [label for label, name in names.items() if (root / "ray" / name).exists()]
+    if started and not resume:
+        raise SweepError(f"{root} already holds search experiments of this sweep ({', '.join(started)}); pass --resume or choose another --storage")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    connect_ray(address or os.environ.get("RAY_ADDRESS"), verbose)
+    trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+    threads = max(1, int(sweep.resources.cpu))
+    outcome = Outcome(folder)
     for trial in sweep.trials():
         config = trial.config(folder, sweep.name).to_dict()
-        scheduler = ASHAScheduler(
-            time_attr="iter", metric=s.metric, mode=s.mode, max_t=config["iters"],
-            grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-        )
-        tune.Tuner(
-            trainable,
-            param_space={"trial": {"config": config, "threads": threads, "label": trial.label}, "search": space},
-            tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler, max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=f"{sweep.name}-search", storage_path=str(folder.parent / "ray"), verbose=max(verbose, 1)),
-        ).fit()
-    return folder
+        path = root / "ray" / names[trial.label]
+        if resume and tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        else:
+            scheduler = ASHAScheduler(
+                time_attr="iter", metric=s.metric, mode=s.mode, max_t=config["iters"],
+                grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+            )
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": {"config": config, "threads": threads, "label": trial.label}, "search": space},
+                tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler, max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name=names[trial.label], storage_path=str(root / "ray"), verbose=max(verbose, 1)),
+            )
+        for result in tuner.fit():
+            if result.error is not None:
+                outcome.failed[f"{trial.label} {result.path}"] = str(result.error).strip().splitlines()[-1]
+    return outcome

@@ -50,6 +50,7 @@ class Tracker:
     """No-op sink; WandbTracker overrides it."""
 
     mode = "disabled"
+    run_id: str | None = None
 
     def log(self, metrics: dict, step: int) -> None:
         pass
@@ -64,6 +65,7 @@ class Tracker:
 class WandbTracker(Tracker):
     def __init__(self, run, mode: str):
         self.run, self.mode = run, mode
+        self.run_id = getattr(run, "id", None)
 
     def log(self, metrics, step):
         try:
@@ -86,7 +88,11 @@ class WandbTracker(Tracker):
             warnings.warn(f"W&B finish failed ({exc})")
 
 
-def start_tracking(config: dict, name: str, out: Path, project: str, group: str | None, mode: str | None) -> Tracker:
+def start_tracking(
+    config: dict, name: str, out: Path, project: str, group: str | None, mode: str | None, run_id: str | None = None
+) -> Tracker:
+    """A W&B run mirroring the record; `run_id` (from the record of a resumed run) continues
+    that run instead of opening a new one."""
     mode = resolve_mode(mode)
     if mode == "disabled":
         return Tracker()
@@ -107,6 +113,8 @@ def start_tracking(config: dict, name: str, out: Path, project: str, group: str 
                 config=config,
                 dir=str(out),
                 mode=attempt,
+                id=run_id,
+                resume="allow" if run_id else None,
                 reinit="finish_previous",
                 settings=wandb.Settings(init_timeout=30, silent=True),
             )

@@ -29,10 +29,12 @@ from bench.losses import PseudoTargets, pseudo_label_loss, supervised_loss
 from bench.metrics import SelectionQualityMeter
 from bench.models import build_model
 from bench.records import (
+    failure,
     git_sha,
     library_versions,
     load_checkpoint,
     read_record,
+    read_record_or_none,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -48,6 +50,10 @@ BEST_VAL_NOTE = "best validation mIoU over all evaluations: model selection on v
 
 class ResumeError(RuntimeError):
     pass
+
+
+class DivergedError(RuntimeError):
+    """The loss stopped being a number: training on would only produce noise."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,13 +72,24 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def _warm_start_weights(path: str) -> dict:
-    """Model weights of an earlier run (its folder or its checkpoint.pt)."""
+def _warm_start(path: str, expected_hash: str | None) -> tuple[dict, str | None]:
+    """Model weights and config hash of an earlier run (its folder or a checkpoint file)."""
     file = Path(path)
-    file = file / "checkpoint.pt" if file.is_dir() else file
-    if not file.is_file():
-        raise FileNotFoundError(f"init_from={path}: no checkpoint.pt there (train that run first)")
-    return torch.load(file, map_location="cpu", weights_only=True)["model"]
+    if file.is_dir():
+        state = load_checkpoint(file)
+        if state is None:
+            raise FileNotFoundError(f"init_from={path}: no checkpoint.pt there (train that run first)")
+    elif file.is_file():
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"init_from={path} does not exist (train that run first)")
+    found = state.get("config_hash")
+    if expected_hash is not None and found != expected_hash:
+        raise ResumeError(
+            f"init_from={path} holds a run with config hash {found}, but this run expects {expected_hash} "
+            "(the warm start was retrained with another config; rerun it, or drop init_from_hash)"
+        )
+    return state["model"], found
 
 
 def _paste(images: Tensor, source: Tensor, box: Tensor) -> Tensor:
@@ -80,11 +97,21 @@ def _paste(images: Tensor, source: Tensor, box: Tensor) -> Tensor:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False, tracker: Tracker | None = None, show_progress: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: bool = False,
+        tracker: Tracker | None = None,
+        show_progress: bool = True,
+        on_log=None,
+    ):
         self.config = config.validate()
         self.out = Path(config.out)
         self.device = resolve_device(config.device)
+        if config.device == "auto":  # the record says what ran (and the hash: CUDA means bf16)
+            config.device = self.device.type
         self.show_progress = show_progress
+        self.on_log = on_log  # called with each logged point (Ray Tune reports through it)
         cfg = config
 
         torch.manual_seed(cfg.seed)
@@ -93,7 +120,8 @@ class Trainer:
         self.split = load_split(self.source, cfg.split_dir, cfg.split, cfg.labeled)
         self.model = build_model(cfg, self.num_classes).to(self.device)
         if cfg.init_from:
-            self.model.load_state_dict(_warm_start_weights(cfg.init_from))
+            weights, cfg.init_from_hash = _warm_start(cfg.init_from, cfg.init_from_hash)
+            self.model.load_state_dict(weights)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_teacher else None
         self.optimizer = torch.optim.SGD(
             [
@@ -123,8 +151,11 @@ class Trainer:
         if resume:
             self._resume()
         self.tracker = tracker if tracker is not None else start_tracking(
-            self.record["config"], self.out.name, self.out, cfg.wandb_project, cfg.wandb_group, cfg.wandb_mode
+            self.record["config"], self.out.name, self.out, cfg.wandb_project, cfg.wandb_group, cfg.wandb_mode,
+            run_id=self.record.get("wandb_id"),
         )
+        if self.tracker.run_id:  # a resumed run continues the same W&B run
+            self.record["wandb_id"] = self.tracker.run_id
 
     # ------------------------------------------------------------------------------------
     # The algorithm
@@ -204,6 +235,8 @@ class Trainer:
             context["mc_logits"] = self.mc_logits(torch.cat([unl["weak"], mix["weak"]]), sel.mc_passes)
             self.cost["extra_forward_passes"] += sel.mc_passes
         context = {k: v for k, v in context.items() if k in sel.context_keys}
+        if not torch.isfinite(probs).all():  # weights went non-finite on the last step
+            raise DivergedError(f"model output is NaN or infinite at iteration {t + 1}: training diverged (try a lower lr)")
         self._sync()
         start = time.perf_counter()
         selection = sel.select(probs, valid, **context)
@@ -301,7 +334,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.config
         if self.record["status"] == "complete":
-            print(f"{self.out}: already complete (mIoU {self.record['final']['miou']:.4f}); nothing to do")
+            print(f"{self.out}: already complete; nothing to do")
             return self.record
         self.record["status"] = "running"
         write_record(self.out, self.record)
@@ -309,6 +342,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=cfg.iters, initial=self.start_iter, desc=self.out.name, unit="it", disable=not self.show_progress, dynamic_ncols=True)
         t_mark = time.perf_counter()
+        self.iteration = self.start_iter
         failed = True
         try:
             for t in range(self.start_iter, cfg.iters):
@@ -317,15 +351,24 @@ class Trainer:
                 batches = [_to(next(s), self.device) for s in streams]
                 lab, unl, mix = (batches + [None, None])[:3]
                 losses = self.train_step(t, lab, unl, mix)
-                self._accumulate(losses)
                 done = t + 1
-                if done % cfg.eval_every == 0 or done == cfg.iters:
+                bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+                if bad:
+                    shown = ", ".join(f"{k}={'NaN' if math.isnan(v) else v}" for k, v in bad.items())
+                    raise DivergedError(f"loss is {'NaN' if any(map(math.isnan, bad.values())) else 'infinite'} at iteration {done} ({shown})")
+                self._accumulate(losses)
+                evaluated = done % cfg.eval_every == 0 or done == cfg.iters
+                if evaluated:  # evaluation time is not training time
+                    self.cost["wall_s"] += time.perf_counter() - t_mark
                     self._record_eval(done)
-                if done % cfg.log_every == 0 or done == cfg.iters:
+                    t_mark = time.perf_counter()
+                if evaluated or done % cfg.log_every == 0:  # val_miou at the iteration it was measured
                     now = time.perf_counter()
                     self.cost["wall_s"] += now - t_mark
                     t_mark = now
                     self._log(done, lr)
+                    if self.on_log is not None:
+                        self.on_log(self.curves[-1], done)
                     last = self.curves[-1]
                     shown = {k.removeprefix("loss_") or k: f"{v:.3f}" for k, v in last.items() if k.startswith("loss")}
                     bar.set_postfix(**shown, val_miou=f"{self.last_val:.3f}")
@@ -338,8 +381,8 @@ class Trainer:
             self._finish()
             failed = False
         except BaseException as exc:
-            self.record["status"] = "failed"
-            self.record["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self.record.update(status="failed", error=failure(exc, self.iteration + 1), updated=_now())
+            self.record["traceback"] = traceback.format_exc(limit=-8)
             write_record(self.out, self.record)
             raise
         finally:
@@ -410,8 +453,8 @@ class Trainer:
             selection=self.meter.compute() if self.semi else None,
             cost=self._cost(cfg.iters),
         )
+        self._checkpoint(cfg.iters)  # durable before the record says complete
         write_record(self.out, self.record)
-        self._checkpoint(cfg.iters)
         self.tracker.summary({"final_miou": final["miou"], "miou_best_val": self.best_val[0], **{f"selection_{k}": v for k, v in (self.record["selection"] or {}).items()}})
 
     # ------------------------------------------------------------------------------------
@@ -467,7 +510,7 @@ class Trainer:
         save_checkpoint(self.out, state)
 
     def _resume(self) -> None:
-        previous = read_record(self.out)
+        previous = read_record_or_none(self.out)  # a corrupt record is rebuilt from the checkpoint
         if previous is not None and previous.get("config_hash") != self.config.hash():
             raise ResumeError(
                 f"{self.out} holds a run with another config (hash {previous.get('config_hash')} vs "

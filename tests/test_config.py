@@ -1,6 +1,8 @@
 import pytest
 
-from bench.config import ConfigError, TrainConfig, from_dict, load_config, parse_overrides
+from pathlib import Path
+
+from bench.config import ConfigError, TrainConfig, config_differences, from_dict, load_config, parse_overrides
 
 
 def test_defaults_resolve_dataset_dependent_values():
@@ -57,4 +59,37 @@ def test_hash_ignores_where_results_go_but_not_what_is_computed():
 def test_round_trip_through_a_record():
     cfg = load_config(overrides=["selector=csl", "selector.alpha=8", "iters=5"])
     assert from_dict(cfg.to_dict()) == cfg
-    assert TrainConfig().validate() == load_config()
+    assert TrainConfig().absolute().validate() == load_config()
+
+
+def test_relative_paths_resolve_against_the_launch_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["root=../data/camvid", "out=runs/x", "init_from=~/w", "pretrained=timm"])
+    assert cfg.root == str(tmp_path / ".." / "data" / "camvid") and cfg.out == str(tmp_path / "runs" / "x")
+    assert cfg.split_dir == str(tmp_path / "splits") and cfg.init_from == str(Path.home() / "w")
+    assert cfg.pretrained == "timm"  # a name, not a path
+
+
+def test_hash_follows_the_warm_start_by_identity_and_the_device_by_type():
+    a = load_config(overrides=["init_from=/store/a/warm", "init_from_hash=abc"])
+    moved = load_config(overrides=["init_from=/elsewhere/warm", "init_from_hash=abc"])
+    other = load_config(overrides=["init_from=/store/a/warm", "init_from_hash=def"])
+    assert a.hash() == moved.hash() != other.hash()
+    cpu, cuda, cuda1 = (load_config(overrides=[f"device={d}"]) for d in ("cpu", "cuda", "cuda:1"))
+    assert cuda.hash() == cuda1.hash() != cpu.hash()
+
+
+def test_config_differences_accept_what_a_run_resolves():
+    stored = load_config(overrides=["device=cpu", "init_from_hash=abc", "iters=7"]).to_dict()
+    wanted = load_config(overrides=["iters=9"]).to_dict()  # device auto, no hash yet
+    assert config_differences(stored, wanted) == {"iters": (7, 9)}
+    assert config_differences(stored, {**wanted, "device": "cuda", "iters": 7}) == {"device": ("cpu", "cuda")}
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [(["selector=csll"], "unknown selector 'csll'.*did you mean 'csl'"), (["selector=csl", "selector.alpah=8"], "no parameter 'alpah'.*did you mean 'alpha'")],
+)
+def test_selector_names_and_parameters_are_checked_with_the_config(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)

@@ -127,10 +127,37 @@ def test_split_lines_outside_the_root_are_rejected(tmp_path):
     (folder / "unlabeled.txt").write_text("train/f1.png trainannot/f1.png\n")
     with pytest.raises(DataError, match="outside the data root"):
         load_split(src, tmp_path / "splits", "evil", labeled=1)
-    (tmp_path / "data" / "link.png").symlink_to(tmp_path / "secret.png")
-    (folder / "labeled.txt").write_text("link.png trainannot/f0.png\n")
-    with pytest.raises(DataError, match="resolves to .*outside the data root"):
+    (folder / "labeled.txt").write_text(f"{tmp_path / 'secret.png'} trainannot/f0.png\n")
+    with pytest.raises(DataError, match="absolute path with no part found under the data root"):
         load_split(src, tmp_path / "splits", "evil", labeled=1)
+
+
+def test_a_symlinked_folder_inside_the_root_is_followed(tmp_path):
+    """Datasets often live on another disk, linked into the root: that is not an escape."""
+    make_camvid(tmp_path / "disk")
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("train", "trainannot", "val", "valannot"):
+        (root / name).symlink_to(tmp_path / "disk" / name, target_is_directory=True)
+    src = get_source("camvid", root)
+    folder = tmp_path / "splits" / "camvid" / "linked"
+    folder.mkdir(parents=True)
+    (folder / "labeled.txt").write_text("train/f0.png trainannot/f0.png\n")
+    (folder / "unlabeled.txt").write_text("/elsewhere/CamVid/train/f1.png /elsewhere/CamVid/trainannot/f1.png\n")
+    split = load_split(src, tmp_path / "splits", "linked", labeled=1)
+    assert [e.image for e in split.labeled + split.unlabeled] == ["train/f0.png", "train/f1.png"]
+    image, mask = src.load(split.unlabeled[0])
+    assert image.shape[2] == 3 and mask.ndim == 2
+
+
+def test_a_corrupt_image_is_an_error_naming_the_file(tmp_path):
+    make_camvid(tmp_path / "data")
+    src = get_source("camvid", tmp_path / "data")
+    entry = src.pool("train")[0]
+    bad = tmp_path / "data" / entry.image
+    bad.write_bytes(bad.read_bytes()[:40])  # cut short, as by a failed copy
+    with pytest.raises(DataError, match=f"cannot read image {bad}"):
+        src.load(entry)
 
 
 def test_missing_files_are_listed_in_one_error(tmp_path):

@@ -45,8 +45,9 @@ def test_tiny_run_writes_a_complete_record(tmp_path, extra):
         assert key in on_disk
     assert on_disk["config"]["iters"] == 6 and on_disk["config_hash"] == cfg.hash()
     assert set(on_disk["splits"]["sha256"]) == {"labeled.txt", "unlabeled.txt", "val.txt"}
-    assert [c["iter"] for c in on_disk["curves"]] == [2, 4, 6]
-    assert [c["iter"] for c in on_disk["curves"] if "val_miou" in c] == [4, 6]  # logged with the next point
+    # log_every=2, eval_every=3: an evaluation is logged at the iteration it was measured
+    assert [c["iter"] for c in on_disk["curves"]] == [2, 3, 4, 6]
+    assert [c["iter"] for c in on_disk["curves"] if "val_miou" in c] == [3, 6]
     final = on_disk["final"]
     assert 0 <= final["miou"] <= 1 and final["miou_best_val"] >= final["miou"] and "best_val_note" in final
     assert len(final["per_class_iou"]) == 6

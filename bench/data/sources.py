@@ -3,7 +3,9 @@
 A split line is `<image> <mask>` (paths relative to the data root) or a bare id that the
 dataset expands. Absolute paths from another machine (CamVid's list files hold
 `/SegNet/CamVid/train/x.png`) are mapped onto the root by their longest suffix that exists
-there. Whatever a line says, the files it resolves to must lie inside the root.
+there. A line may not reach outside the root (`..`, an absolute path with no suffix under
+it); symlinks inside the root are the user's own choice (datasets often live on another
+disk) and are followed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ class DataError(ValueError):
     pass
 
 
+def read_image(path: Path) -> Image.Image:
+    """The decoded image; a file that cannot be decoded is an error naming it."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three for bad files
+        raise DataError(f"cannot read image {path}: {exc} (a truncated or corrupt file? replace it or drop it from the split)") from None
+    return image
+
+
 class Source:
     name = "?"
     num_classes = 0
@@ -41,7 +53,6 @@ class Source:
             self.root = Path(root).expanduser()
             if not self.root.is_dir():
                 raise DataError(f"dataset '{self.name}': root {self.root} is not a folder ({self.layout})")
-            self._real_root = self.root.resolve()
         else:
             self.root = None
 
@@ -63,24 +74,18 @@ class Source:
         return f"{entry.image} {entry.mask}"
 
     def _inside(self, text: str, where: str) -> str:
-        """Map a path from a split line onto the root; refuse anything outside it."""
+        """Map a path from a split line onto the root; refuse a line that leaves it."""
         path = PurePosixPath(text.replace("\\", "/"))
         if ".." in path.parts:
             raise DataError(f"{where}: {text!r} reaches outside the data root (contains '..')")
-        parts = path.parts[1:] if path.is_absolute() else path.parts
-        if path.is_absolute():  # a foreign prefix: keep the longest suffix found under root
-            for start in range(len(parts)):
-                candidate = PurePosixPath(*parts[start:])
-                if (self.root / candidate).exists():
-                    parts = candidate.parts
-                    break
-            else:
-                parts = parts[-2:]  # reported as missing by the existence check
-        rel = PurePosixPath(*parts)
-        resolved = (self.root / rel).resolve()
-        if not resolved.is_relative_to(self._real_root):
-            raise DataError(f"{where}: {text!r} resolves to {resolved}, outside the data root {self._real_root}")
-        return str(rel)
+        if not path.is_absolute():
+            return str(path)
+        parts = path.parts[1:]  # a foreign prefix: keep the longest suffix found under root
+        for start in range(len(parts)):
+            candidate = PurePosixPath(*parts[start:])
+            if (self.root / candidate).exists():
+                return str(candidate)
+        raise DataError(f"{where}: {text!r} is an absolute path with no part found under the data root {self.root}")
 
     def missing(self, entries: list[Entry]) -> list[str]:
         out = []
@@ -96,8 +101,8 @@ class Source:
 
     # -- loading ----------------------------------------------------------------------
     def load(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
-        image = np.array(Image.open(self.root / entry.image).convert("RGB"))
-        mask = np.array(Image.open(self.root / entry.mask))
+        image = np.array(read_image(self.root / entry.image).convert("RGB"))
+        mask = np.array(read_image(self.root / entry.mask))
         if mask.ndim == 3:
             raise DataError(f"mask {self.root / entry.mask} has colour channels; expected class indices")
         return image, self.map_mask(mask.astype(np.uint8))
