@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,8 +130,7 @@ class TrainConfig:
             value = getattr(self, key)
             if value is None or (key == "pretrained" and value == "timm"):
                 continue
-            path = Path(value).expanduser()
-            setattr(self, key, str(path if path.is_absolute() else (base / path).absolute()))
+            setattr(self, key, os.path.abspath(base / Path(value).expanduser()))  # normalised, links kept
         return self
 
     @property

@@ -353,6 +353,8 @@ def connect_ray(address: str | None, verbose: int) -> None:
     including one whose head has died, and retry for minutes.)"""
     import ray
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if ray.is_initialized():
         return
     options = dict(include_dashboard=False, log_to_driver=verbose > 1, configure_logging=False)
@@ -440,9 +442,6 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
                 os.replace(c.out, target)
         print(f"moved {len(stale)} stale trials to {root / 'stale' / stamp}; running them again", flush=True)
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    connect_ray(address or os.environ.get("RAY_ADDRESS"), verbose)
     trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
     threads = max(1, int(sweep.resources.cpu))
     outcome = Outcome(trials_dir)
@@ -451,6 +450,7 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
         todo = [(t, c) for t, c in trials if trial_state(Path(c.out)) != "complete"]
         if not todo:
             return
+        connect_ray(address or os.environ.get("RAY_ADDRESS"), verbose)  # only when there is work
         print(f"{sweep.name} {tag}: {len(todo)} trials to run ({len(trials) - len(todo)} already complete)", flush=True)
         configs = [{"config": c.to_dict(), "threads": threads, "label": t.label} for t, c in todo]
         grid = tune.Tuner(
@@ -541,7 +541,6 @@ def _search(sweep: Sweep, root: Path, resume: bool, address, max_concurrent, ver
     started = [label for label, name in names.items() if (root / "ray" / name).exists()]
     if started and not resume:
         raise SweepError(f"{root} already holds search experiments of this sweep ({', '.join(started)}); pass --resume or choose another --storage")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     connect_ray(address or os.environ.get("RAY_ADDRESS"), verbose)
     trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
     threads = max(1, int(sweep.resources.cpu))

@@ -543,7 +543,7 @@ class Trainer:
         self.pending_steps = state["pending"]["steps"]
         self.pending_eval = state["pending"]["eval"]
         if previous is not None:
-            self.record.update(started=previous.get("started", self.record["started"]))
+            self.record.update(started=previous.get("started", self.record["started"]), wandb_id=previous.get("wandb_id"))
             if previous.get("status") == "complete" and self.start_iter >= self.config.iters:
                 self.record = previous
         self.record["resumed_from"] = self.start_iter

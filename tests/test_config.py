@@ -65,7 +65,7 @@ def test_round_trip_through_a_record():
 def test_relative_paths_resolve_against_the_launch_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(overrides=["root=../data/camvid", "out=runs/x", "init_from=~/w", "pretrained=timm"])
-    assert cfg.root == str(tmp_path / ".." / "data" / "camvid") and cfg.out == str(tmp_path / "runs" / "x")
+    assert cfg.root == str(tmp_path.parent / "data" / "camvid") and cfg.out == str(tmp_path / "runs" / "x")
     assert cfg.split_dir == str(tmp_path / "splits") and cfg.init_from == str(Path.home() / "w")
     assert cfg.pretrained == "timm"  # a name, not a path
 

@@ -85,43 +85,225 @@ def test_bad_sweep_files_name_the_problem(tmp_path, change, message):
         load_sweep(write(tmp_path, TINY.replace(*change)))
 
 
-def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
-    path = write(tmp_path, TINY)
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO / ".." / "shared" / "data" / "camvid"
+needs_camvid = pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+ENV = {**os.environ, "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+CLI = [sys.executable, "-m", "bench.cli", "sweep"]
+# CamVid at a tiny budget: the real data path end to end in about a minute.
+TINY_CAMVID = """
+name: tinycv
+protocol: camvid
+base:
+  dataset: camvid
+  root: {root}
+  labeled: 46
+  backbone: test_resnet
+  crop: 32
+  batch_size: 2
+  iters: 4
+  eval_every: 4
+  log_every: 2
+  checkpoint_every: 2
+  probe_images: 2
+  head_channels: 16
+  aspp_dilations: [1, 2]
+  wandb_mode: disabled
+warm_start: {{iters: 2}}
+grid:
+  seed: {seeds}
+methods:
+{methods}
+resources: {{cpu: 1}}
+"""
+
+
+def camvid_sweep(root: str, methods: list[str], seeds="[0]") -> str:
+    return TINY_CAMVID.format(root=root, seeds=seeds, methods="".join(f"  - {m}\n" for m in methods))
+
+
+def records(folder: Path) -> dict[str, dict]:
+    out = {}
+    for rec in folder.glob("*/record.json"):
+        try:
+            out[rec.parent.name] = json.loads(rec.read_text())
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def complete(folder: Path) -> dict[str, tuple]:
+    return {k: (r["updated"], (folder / k / "record.json").stat().st_mtime_ns) for k, r in records(folder).items() if r["status"] == "complete"}
+
+
+def linked_copy(src: Path, dst: Path, corrupt: str) -> None:
+    """The dataset as symlinks (the usual way datasets are kept), one image cut short."""
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.name == Path(corrupt).parts[0]:
+            (dst / item.name).mkdir()
+            for f in item.iterdir():
+                (dst / item.name / f.name).symlink_to(f.resolve())
+        else:
+            (dst / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    bad = dst / corrupt
+    data = bad.read_bytes()
+    bad.unlink()
+    bad.write_bytes(data[: len(data) // 3])
+
+
+@needs_camvid
+def test_real_data_sweep_from_another_folder_reports_every_failure(tmp_path):
+    """Relative paths resolve against the launch folder; a diverging trial and one with a
+    corrupt image fail with records saying why; the rest complete; the exit code is 1."""
+    corrupt = "val/0016E5_07959.png"
+    linked_copy(CAMVID, tmp_path / "linked", corrupt)
+    work = tmp_path / "work"
+    work.mkdir()
+    rel = os.path.relpath(CAMVID, work)
+    (work / "cv.yaml").write_text(camvid_sweep(rel, [
+        "{name: supervised, framework: supervised}", "{name: fixed, selector: fixed}",
+        "{name: nan, selector: fixed, lr: 1.0e+12}", "{name: corrupt, selector: fixed, root: ../linked}",
+    ]))
+    run = subprocess.run(CLI + ["cv.yaml", "--storage", "st"], cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    trials = work / "st" / "tinycv" / "trials"
+    recs = records(trials)
+    assert {k: r["status"] for k, r in recs.items()} == {
+        "supervised-seed=0": "complete", "fixed-seed=0": "complete", "nan-seed=0": "failed", "corrupt-seed=0": "failed"}
+    assert recs["fixed-seed=0"]["config"]["root"] == os.path.abspath(work / rel)
+    assert recs["fixed-seed=0"]["splits"]["sizes"] == {"labeled": 46, "unlabeled": 321, "val": 101}
+    nan, bad = recs["nan-seed=0"]["error"], recs["corrupt-seed=0"]["error"]
+    assert nan["type"] == "DivergedError" and "NaN" in nan["message"] and nan["iteration"] >= 1
+    assert bad["type"] == "DataError" and f"cannot read image {tmp_path / 'linked' / corrupt}" in bad["message"] and bad["iteration"] == 4
+    assert "| supervised |" in run.stdout and "| fixed |" in run.stdout  # the leaderboard of what finished
+    assert "nan-seed=0: failed (DivergedError at iteration" in run.stdout
+    assert "corrupt-seed=0: failed (DataError at iteration 4: cannot read image" in run.stdout
+    assert "2 trials FAILED" in run.stderr and "nan-seed=0: DivergedError" in run.stderr and "2 failed, 0 skipped" in run.stderr
+
+
+@needs_camvid
+def test_killed_real_data_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
+    """From the repository root with the sweep file's own relative root. While it runs a
+    second sweep on the same storage is refused; kill -9 of the whole process group, then
+    a rerun is refused without --resume and completes with it, finished trials untouched."""
+    path = tmp_path / "cv.yaml"
+    path.write_text(camvid_sweep("../shared/data/camvid", [
+        "{name: supervised, framework: supervised}", "{name: fixed, selector: fixed}", "{name: csl, selector: csl, selector.alpha: 8.0}",
+    ], seeds="[0, 1]"))
     storage = tmp_path / "store"
-    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [sys.executable, "-m", "bench.cli", "sweep", str(path), "--storage", str(storage)]
-    trials = storage / "tiny" / "trials"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def complete():
-        done = {}
-        for rec in trials.glob("*/record.json"):
-            try:
-                data = json.loads(rec.read_text())
-            except json.JSONDecodeError:
-                continue
-            if data["status"] == "complete":
-                done[rec.parent.name] = (rec.stat().st_mtime_ns, data["updated"])
-        return done
-
-    deadline = time.time() + 240
-    while time.time() < deadline and len(complete()) < 2:
+    cmd = CLI + [str(path), "--storage", str(storage)]
+    trials = storage / "tinycv" / "trials"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (storage / "tinycv" / ".sweep.lock").exists():
+        time.sleep(0.1)
+    second = subprocess.run(cmd + ["--resume"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "in use by another `cslbench sweep` (pid" in second.stderr
+    while time.time() < deadline and len(complete(trials)) < 2:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray workers
     proc.wait()
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, env=env)
-    before = complete()
+    before = complete(trials)
     assert 2 <= len(before) < 6, before
 
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert again.returncode != 0 and "--resume" in again.stderr  # refuses to start over silently
-    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    after = complete()
+    after = complete(trials)
     assert len(after) == 6
     for name, stamp in before.items():
         assert after[name] == stamp  # finished trials kept as they were, not rerun
     assert "| csl (alpha=8.0) |" in resumed.stdout  # and the leaderboard is printed
+
+
+def test_a_failed_warm_start_skips_the_trials_that_need_it(tmp_path):
+    text = TINY.replace("  wandb_mode: disabled", "  wandb_mode: disabled\n  lr: 1.0e+12") + "warm_start: {iters: 3}\n"
+    run = subprocess.run(CLI + [str(write(tmp_path, text)), "--storage", str(tmp_path / "st")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    warm = records(tmp_path / "st" / "tiny" / "warmup")
+    main = records(tmp_path / "st" / "tiny" / "trials")
+    assert {r["status"] for r in warm.values()} == {"failed"} and len(warm) == 2
+    assert len(main) == 6 and {r["status"] for r in main.values()} == {"skipped"}
+    assert main["csl-seed=1"]["error"]["message"].startswith("warm start warmup-seed=1 failed (DivergedError")
+    assert not any((tmp_path / "st" / "tiny" / "trials" / name / "checkpoint.pt").exists() for name in main)  # never ran
+    assert "6 trials skipped" in run.stderr and "2 trials FAILED" in run.stderr
+
+
+def test_data_problems_stop_the_sweep_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+
+    from bench.sweeps import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    text = TINY.replace("protocol: synthetic\nbase:\n", "protocol: camvid\nbase:\n  dataset: camvid\n  root: no/such/camvid\n")
+    with pytest.raises(SweepError, match=f"(?s)nothing was run.*root {tmp_path / 'no' / 'such' / 'camvid'} is not a folder.*needed by 6 trials"):
+        run_sweep(load_sweep(write(tmp_path, text)), tmp_path / "st")
+    text = TINY.replace("  seed: [0, 1]", "  seed: [0]\n  split: ['92']")
+    with pytest.raises(SweepError, match=r"no split files in .*splits/synthetic/92"):
+        run_sweep(load_sweep(write(tmp_path, text)), tmp_path / "st")
+    assert not ray.is_initialized()
+
+
+def test_relative_paths_in_a_sweep_file_follow_the_launch_folder(tmp_path, monkeypatch):
+    text = TINY.replace("base:\n", "base:\n  root: data/x\n  split_dir: my_splits\n")
+    path = write(tmp_path, text)
+    for cwd in (tmp_path, tmp_path / "sub"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        cfg = load_sweep(path).trials()[0].config(Path("store"), "tiny")
+        assert (cfg.root, cfg.split_dir, cfg.out) == (str(cwd / "data" / "x"), str(cwd / "my_splits"), str(cwd / "store" / "supervised-seed=0"))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("selector: fixed}", "selector: fxed}"), "unknown selector 'fxed'.*did you mean 'fixed'"),
+        (("selector.alpha: 8.0", "selector.alpah: 8.0"), "selector 'csl' has no parameter 'alpah'.*did you mean 'alpha'"),
+    ],
+)
+def test_selector_names_and_parameters_are_checked_when_the_file_loads(tmp_path, change, message):
+    with pytest.raises(SweepError, match=message):
+        load_sweep(write(tmp_path, TINY.replace(*change)))
+
+
+def test_resume_refuses_trials_run_with_another_config(tmp_path):
+    from bench.sweeps import run_sweep
+
+    sweep = load_sweep(write(tmp_path, TINY))
+    trial = sweep.trials()[1]
+    old = trial.config(tmp_path / "st" / "tiny" / "trials", "tiny").to_dict()
+    (tmp_path / "st" / "tiny" / "trials" / trial.label).mkdir(parents=True)
+    (tmp_path / "st" / "tiny" / "trials" / trial.label / "record.json").write_text(json.dumps({"status": "complete", "config": {**old, "iters": 3, "device": "cpu"}}))
+    with pytest.raises(SweepError, match=rf"(?s)1 trials .* another config.*{trial.label}: iters: 3 -> 4.*--rerun-stale"):
+        run_sweep(sweep, tmp_path / "st", resume=True)
+
+
+def test_one_sweep_per_storage_and_a_dead_holder_leaves_no_lock(tmp_path):
+    from bench.sweeps import storage_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from bench.sweeps import storage_lock\nwith storage_lock(__import__('pathlib').Path({str(tmp_path)!r})):\n print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SweepError, match=f"in use by another `cslbench sweep` \\(pid {holder.pid} "):
+        with storage_lock(tmp_path):
+            pass
+    holder.kill()
+    holder.wait()
+    with storage_lock(tmp_path):  # the kernel released the dead holder's lock
+        pass
+
+
+def test_an_unreachable_ray_address_fails_fast_and_names_it():
+    from bench.sweeps import connect_ray
+
+    start = time.time()
+    with pytest.raises(SweepError, match=r"Ray cluster at --address 127.0.0.1:9 \(127.0.0.1:9\) cannot be reached"):
+        connect_ray("127.0.0.1:9", verbose=0)
+    assert time.time() - start < 15
 
 
 def test_search_space_is_checked(tmp_path):

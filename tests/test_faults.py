@@ -1,0 +1,226 @@
+"""Faults one training run must survive or report: divergence, a checkpoint cut short or
+killed mid-write, a corrupt record, a W&B that stops answering, undefined numbers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import tracking
+from bench.config import load_config
+from bench.leaderboard import load_rows
+from bench.records import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
+from bench.train import DivergedError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO / ".." / "shared" / "data" / "camvid"
+TINY = [
+    "backbone=test_resnet", "crop=32", "batch_size=2", "eval_every=3", "log_every=2",
+    "probe_images=2", "head_channels=16", "aspp_dilations=[1,2]", "wandb_mode=disabled",
+]
+
+
+def config(out: Path, *extra):
+    return load_config(overrides=TINY + [f"out={out}", *extra])
+
+
+def result(out: Path) -> tuple[dict, dict]:
+    record = json.loads((out / "record.json").read_text())
+    return record, torch.load(out / CHECKPOINT, weights_only=True)["model"]
+
+
+def same_result(a: Path, b: Path) -> None:
+    (ra, wa), (rb, wb) = result(a), result(b)
+    assert rb["status"] == "complete"
+    assert ra["curves"] == rb["curves"] and ra["final"] == rb["final"] and ra["selection"] == rb["selection"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class Stop(Exception):
+    pass
+
+
+def interrupted(out: Path, at: int, *extra) -> Trainer:
+    """A run that stops (an exception, as a crash would) while training step `at` runs."""
+    trainer = Trainer(config(out, *extra), show_progress=False)
+    step = trainer.train_step
+
+    def step_or_stop(t, *args):
+        if t + 1 == at:
+            raise Stop(f"stopped at {at}")
+        return step(t, *args)
+
+    trainer.train_step = step_or_stop
+    with pytest.raises(Stop):
+        trainer.run()
+    return trainer
+
+
+@pytest.mark.parametrize("extra", [["framework=supervised"], ["selector=fixed"]], ids=["supervised", "unimatch"])
+def test_divergence_stops_the_run_as_failed_and_says_where(tmp_path, extra):
+    cfg = config(tmp_path / "run", "iters=6", "lr=1e12", *extra)
+    with pytest.raises(DivergedError, match=r"(loss is NaN|model output is NaN or infinite) at iteration \d"):
+        Trainer(cfg, show_progress=False).run()
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "DivergedError"
+    assert 1 <= record["error"]["iteration"] < 6 and str(record["error"]["iteration"]) in record["error"]["message"]
+
+
+def test_a_failure_records_type_message_and_iteration(tmp_path):
+    interrupted(tmp_path / "run", 5, "iters=6", "checkpoint_every=2")
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "failed"
+    assert record["error"] == {"type": "Stop", "message": "stopped at 5", "iteration": 5}
+    rows, others = load_rows(tmp_path)
+    assert rows.is_empty() and others["error"].to_list() == ["Stop at iteration 5: stopped at 5"]
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    common = ["iters=6", "checkpoint_every=2", "selector=softmatch"]
+    Trainer(config(tmp_path / "whole", *common), show_progress=False).run()
+    cut = tmp_path / "cut"
+    interrupted(cut, 6, *common)  # checkpoints at 2 (previous) and 4 (newest)
+    newest = cut / CHECKPOINT
+    assert torch.load(cut / PREVIOUS_CHECKPOINT, weights_only=True)["iteration"] == 2
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a disk that filled up
+    with pytest.warns(UserWarning, match=r"checkpoint.pt: .*resuming from the previous checkpoint .* \(iteration 2\)"):
+        trainer = Trainer(config(cut, *common), resume=True, show_progress=False)
+    assert trainer.start_iter == 2
+    trainer.run()
+    same_result(tmp_path / "whole", cut)
+
+
+def test_no_readable_checkpoint_is_an_error_naming_the_files(tmp_path):
+    interrupted(tmp_path / "run", 6, "iters=6", "checkpoint_every=2")
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        (tmp_path / "run" / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"(?s){tmp_path / 'run' / CHECKPOINT}.*{tmp_path / 'run' / PREVIOUS_CHECKPOINT}"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_to_the_uninterrupted_result(tmp_path):
+    common = TINY + ["iters=8", "checkpoint_every=2", "selector=csl"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "bench.cli", "train", "--threads", "1"]
+    subprocess.run(cli + common + [f"out={tmp_path / 'whole'}"], check=True, env=env, capture_output=True)
+    # The process writes half of its second checkpoint, then dies by SIGKILL mid-write.
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        import bench.records as records
+        real, calls = torch.save, []
+        def dying_save(state, f):
+            calls.append(1)
+            if len(calls) == 2:
+                import io
+                buffer = io.BytesIO(); real(state, buffer)
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2]); f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(state, f)
+        records.torch.save = dying_save
+        from bench.cli import main
+        main(["train", "--threads", "1", *{common + [f"out={tmp_path / 'cut'}"]!r}])
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["iteration"] == 2  # the last good one
+    subprocess.run(cli + common + [f"out={tmp_path / 'cut'}", "--resume"], check=True, env=env, capture_output=True)
+    same_result(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_the_record_says_complete_only_after_the_final_checkpoint(tmp_path, monkeypatch):
+    import bench.train as train
+
+    trainer = Trainer(config(tmp_path / "run", "iters=4", "checkpoint_every=10"), show_progress=False)
+    real = train.save_checkpoint
+
+    def fail_final(out, state):
+        if state["iteration"] == 4:
+            raise OSError("disk full")
+        real(out, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", fail_final)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.run()
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["status"] == "failed"
+
+
+def test_a_corrupt_record_is_listed_as_unreadable_and_rebuilt_on_resume(tmp_path):
+    out = tmp_path / "run"
+    interrupted(out, 6, "iters=6", "checkpoint_every=2")
+    (out / "record.json").write_text('{"status": "runn')  # half-written by something else
+    rows, others = load_rows(tmp_path)
+    assert rows.is_empty() and others["status"].to_list() == ["unreadable"]
+    record = Trainer(config(out, "iters=6", "checkpoint_every=2"), resume=True, show_progress=False).run()
+    assert record["status"] == "complete" and record["resumed_from"] == 4
+    assert [c["iter"] for c in record["curves"]] == [2, 3, 4, 6]  # curves came back from the checkpoint
+
+
+class FakeRun:
+    def __init__(self, log_fails_after: int | None, **init):
+        self.init, self.logged, self.fails_after = init, [], log_fails_after
+        self.id = init.get("id") or "run-abc"
+        self.summary, self.exit_code = {}, None
+
+    def log(self, metrics, step):
+        if self.fails_after is not None and len(self.logged) >= self.fails_after:
+            raise ConnectionError("W&B host unreachable")
+        self.logged.append(step)
+
+    def finish(self, exit_code=0):
+        self.exit_code = exit_code
+
+
+def fake_wandb(monkeypatch, log_fails_after=None) -> list[FakeRun]:
+    runs = []
+
+    class FakeWandb:
+        Settings = staticmethod(lambda **kw: kw)
+
+        @staticmethod
+        def init(**kw):
+            runs.append(FakeRun(log_fails_after, **kw))
+            return runs[-1]
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    monkeypatch.setattr(tracking, "api_key_configured", lambda: True)
+    monkeypatch.setattr(tracking, "host_reachable", lambda timeout=3.0: True)
+    return runs
+
+
+def test_wandb_failing_mid_run_does_not_stop_the_run(tmp_path, monkeypatch):
+    runs = fake_wandb(monkeypatch, log_fails_after=1)
+    with pytest.warns(UserWarning, match="W&B log failed .*unreachable"):
+        record = Trainer(config(tmp_path / "run", "iters=6", "wandb_mode=online"), show_progress=False).run()
+    assert record["status"] == "complete" and runs[0].logged == [2] and runs[0].exit_code == 0
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    runs = fake_wandb(monkeypatch)
+    out = tmp_path / "run"
+    interrupted(out, 6, "iters=6", "checkpoint_every=2", "wandb_mode=offline")
+    first_id = json.loads((out / "record.json").read_text())["wandb_id"]
+    Trainer(config(out, "iters=6", "checkpoint_every=2", "wandb_mode=offline"), resume=True, show_progress=False).run()
+    assert first_id == "run-abc" and runs[0].init.get("id") is None
+    assert runs[1].init["id"] == first_id and runs[1].init["resume"] == "allow"
+    assert json.loads((out / "record.json").read_text())["wandb_id"] == first_id
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+def test_cli_train_on_camvid_prints_undefined_precision_as_a_dash(tmp_path):
+    """10 iterations from scratch: nothing passes 0.95 yet, so precision is undefined."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "train", "dataset=camvid", f"root={os.path.relpath(CAMVID, tmp_path)}",
+         "selector=fixed", "iters=3", "eval_every=3", *TINY[:3], *TINY[4:], "out=run"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["selection"]["precision"] is None and record["config"]["root"] == os.path.abspath(CAMVID)
+    assert "selection precision – recall" in run.stdout
