@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256s
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo selector-demo test bench kernels venv clean
+.PHONY: demo selector-demo test test-slow bench kernels venv clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ selector-demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest
+
+# Fault injection that needs several sweeps end to end (a few minutes on 2 cores).
+test-slow: venv
+	$(VENV)/bin/python -m pytest -m slow
 
 bench: venv
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-group-by=group

@@ -175,15 +175,18 @@ def format_select_eval(rows: list[dict]) -> str:
     def pct(v):
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
+    def plain(v):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
     header = "| selector | coverage | precision | recall | threshold precision at same coverage | precision gain [95% CI] | AUROC of weight |"
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = r.get("precision_gain")
         ci = r.get("gain_ci")
-        gain_txt = "–" if gain is None else f"{100 * gain:+.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+        gain_txt = "–" if gain is None or ci is None or math.isnan(gain) else f"{100 * gain:+.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
         lines.append(
             f"| {r['name']} | {pct(r.get('coverage'))} | {pct(r.get('precision'))} | {pct(r.get('recall'))} | "
-            f"{pct(r.get('matched_threshold_precision'))} | {gain_txt} | {r['auroc']:.3f} |"
+            f"{pct(r.get('matched_threshold_precision'))} | {gain_txt} | {plain(r.get('auroc'))} |"
         )
     return "\n".join(lines)
 

@@ -44,8 +44,8 @@ def selection_quality(batches: int = 4, batch_size: int = 8, num_classes: int = 
 
 
 def format_quality(results: dict) -> str:
-    def cell(v: float) -> str:
-        return "n/a" if math.isnan(v) else f"{100 * v:.1f}"
+    def cell(v: float | None) -> str:
+        return "–" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
     header = ("selector", *COLUMNS)
     rows = [(n, *(cell(r[c]) for c in COLUMNS)) for n, r in sorted(results.items(), key=lambda kv: -kv[1]["f1"] if not math.isnan(kv[1]["f1"]) else 0)]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -333,3 +334,92 @@ def test_asha_search_runs_sampled_trials(tmp_path):
     configs = [json.loads(r.read_text())["config"] for r in runs]
     assert all(0.001 <= c["lr"] <= 0.1 and c["selector_params"]["alpha"] in (2.0, 8.0) for c in configs)
     assert len({c["lr"] for c in configs}) == 3
+
+
+# --------------------------------------------------------------------------------------
+# Slow: kill -9 at several points, moved storage, stale trials rerun (pytest -m slow)
+# --------------------------------------------------------------------------------------
+KILLABLE = TINY.replace("  iters: 4\n", "  iters: 6\n") + "warm_start: {iters: 8}\n"
+RESULT_COLUMNS = ("method", "column", "mean", "std", "n", "p_vs_fixed", "miou_best_val", "precision", "recall", "coverage")
+
+
+def leaderboard_numbers(trials: Path):
+    from bench.leaderboard import build_tables, load_rows
+
+    frame, others = load_rows(trials)
+    assert others.is_empty(), others
+    return [t.numeric.select(RESULT_COLUMNS).sort("method", "column").rows() for t in build_tables(frame)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole")
+    path = write(folder, KILLABLE)
+    run = subprocess.run(CLI + [str(path), "--storage", str(folder / "st")], env=ENV, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return folder / "st" / "tiny"
+
+
+def running_record(folder: Path, at_least: int) -> bool:
+    return any(r["status"] == "running" and r["iteration"] >= at_least for r in records(folder).values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["warm-up", "mid-main"])
+def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_leaderboard(tmp_path, uninterrupted, point):
+    path = write(tmp_path, KILLABLE)
+    storage = tmp_path / "st"
+    proc = subprocess.Popen(CLI + [str(path), "--storage", str(storage)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = storage / "tiny"
+    deadline = time.time() + 600
+    if point == "warm-up":
+        reached = lambda: running_record(root / "warmup", 2)  # noqa: E731
+    else:
+        reached = lambda: len(complete(root / "trials")) >= 1 and running_record(root / "trials", 2)  # noqa: E731
+    while time.time() < deadline and not reached():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert time.time() < deadline, f"never reached {point}"
+    assert len(complete(root / "trials")) < 6  # cut short: work left for the resume
+    if point == "mid-main":  # and the storage folder moves before the resume
+        os.replace(storage, tmp_path / "moved")
+        storage = tmp_path / "moved"
+    resumed = subprocess.run(CLI + [str(path), "--storage", str(storage), "--resume"], env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert leaderboard_numbers(storage / "tiny" / "trials") == leaderboard_numbers(uninterrupted / "trials")
+    whole, cut = records(uninterrupted / "trials"), records(storage / "tiny" / "trials")
+    for name, record in whole.items():
+        assert cut[name]["final"] == record["final"] and cut[name]["curves"] == record["curves"], name
+
+
+@pytest.mark.slow
+def test_stale_trials_are_refused_then_rerun_on_request(tmp_path, uninterrupted):
+    shutil.copytree(uninterrupted.parent, tmp_path / "st")
+    path = write(tmp_path, KILLABLE.replace("  - {name: fixed, selector: fixed}", "  - {name: fixed, selector: fixed, iters: 5}"))
+    cmd = CLI + [str(path), "--storage", str(tmp_path / "st"), "--resume"]
+    refused = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "2 trials" in refused.stderr and "fixed-seed=0: iters: 6 -> 5" in refused.stderr
+    rerun = subprocess.run(cmd + ["--rerun-stale"], env=ENV, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    now = records(tmp_path / "st" / "tiny" / "trials")
+    assert now["fixed-seed=0"]["config"]["iters"] == 5 and now["csl-seed=0"]["config"]["iters"] == 6
+    moved = list((tmp_path / "st" / "tiny" / "stale").glob("*/trials/fixed-seed=*/record.json"))
+    assert len(moved) == 2 and all(json.loads(m.read_text())["config"]["iters"] == 6 for m in moved)
+
+
+@pytest.mark.slow
+def test_search_is_refused_without_resume_and_restored_with_it(tmp_path):
+    text = TINY.replace("  seed: [0, 1]", "  seed: [0]").replace(
+        "  - {name: supervised, framework: supervised}\n  - {name: fixed, selector: fixed}\n", ""
+    ) + "search:\n  num_samples: 2\n  grace_period: 2\n  reduction_factor: 2\n  space:\n    lr: {loguniform: [0.001, 0.1]}\n"
+    cmd = CLI + [str(write(tmp_path, text)), "--storage", str(tmp_path / "st")]
+    first = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = sorted((tmp_path / "st" / "tiny" / "search").glob("*/record.json"))
+    stamps = [r.stat().st_mtime_ns for r in runs]
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "pass --resume" in again.stderr
+    resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r.stat().st_mtime_ns for r in sorted((tmp_path / "st" / "tiny" / "search").glob("*/record.json"))] == stamps
