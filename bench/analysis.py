@@ -36,7 +36,7 @@ def load_trained(run: str | Path):
     if not record_path.is_file() or not (run / "checkpoint.pt").is_file():
         raise FileNotFoundError(f"{run} is not a run folder with record.json and checkpoint.pt")
     data = json.loads(record_path.read_text())["config"]
-    data["init_from"] = str(run)
+    data["init_from"], data["init_from_hash"] = str(run), None  # this run's own weights
     data["wandb_mode"] = "disabled"
     return Trainer(from_dict(data), tracker=Tracker(), show_progress=False)
 

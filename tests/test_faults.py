@@ -236,3 +236,15 @@ def test_every_printer_shows_undefined_numbers_as_a_dash():
     assert row.splitlines()[-1] == "| x | 0.0 | – | 0.0 | – | – | – |"
     table = format_quality({"fixed": {c: float("nan") for c in COLUMNS}})
     assert table.splitlines()[-1].count("–") == len(COLUMNS)
+
+
+def test_a_run_started_from_a_warm_start_reloads_for_analysis(tmp_path):
+    from bench.analysis import load_trained
+
+    Trainer(config(tmp_path / "warm", "iters=2", "framework=supervised"), show_progress=False).run()
+    main = Trainer(config(tmp_path / "main", "iters=2", f"init_from={tmp_path / 'warm'}"), show_progress=False)
+    assert main.config.init_from_hash == main.record["config"]["init_from_hash"] == config(tmp_path / "warm", "iters=2", "framework=supervised", "device=cpu").hash()
+    main.run()
+    loaded = load_trained(tmp_path / "main")
+    saved = torch.load(tmp_path / "main" / CHECKPOINT, weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.model.state_dict().items())
