@@ -87,7 +87,7 @@ def cmd_train(args) -> None:
     from bench.config import ConfigError, load_config
     from bench.data.sources import DataError
     from bench.models import WeightsError
-    from bench.records import CheckpointError
+    from bench.records import CheckpointError, failure
     from bench.train import DivergedError, ResumeError, train
 
     _threads(args.threads)
@@ -101,7 +101,7 @@ def cmd_train(args) -> None:
     try:
         record = train(config, resume=args.resume)
     except (DataError, WeightsError, ResumeError, DivergedError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}")
+        raise SystemExit(f"error: {failure(exc, None)['message']}")  # a loader worker's error as the original
     final, sel = record.get("final") or {}, record.get("selection") or {}
     line = f"{config.out}: mIoU {show(final.get('miou'))} (best on val {show(final.get('miou_best_val'))})"
     if sel:
@@ -150,7 +150,7 @@ def cmd_sweep(args) -> None:
             sweep, args.storage, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent,
             verbose=2 if args.verbose else 0, rerun_stale=args.rerun_stale,
         )
-    except SweepError as exc:
+    except (SweepError, OSError) as exc:  # OSError: the storage folder cannot be written
         raise SystemExit(f"error: {exc}")
     print(f"\ntrials in {outcome.trials_dir}\n")
     print(leaderboard(outcome.trials_dir), end="")

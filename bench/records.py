@@ -89,9 +89,15 @@ def read_record_or_none(out: Path) -> dict | None:
 
 
 def failure(exc: BaseException, iteration: int | None) -> dict:
-    """What a failed run's record says about why."""
-    message = str(exc).strip() or type(exc).__name__
-    return {"type": type(exc).__name__, "message": message, "iteration": iteration}
+    """What a failed run's record says about why. An error re-raised from a DataLoader
+    worker ("Caught DataError in DataLoader worker process 0. Original Traceback ...") is
+    reported as the original: its type and last line, which name the file."""
+    kind, message = type(exc).__name__, str(exc).strip() or type(exc).__name__
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        kind, _, message = last.partition(": ")
+        kind = kind.rsplit(".", 1)[-1]
+    return {"type": kind, "message": message, "iteration": iteration}
 
 
 def describe_error(error: Any) -> str:

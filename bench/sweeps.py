@@ -41,6 +41,7 @@ from bench.records import (
     read_record_or_none,
     write_record,
 )
+from bench.selection import check_selector
 from bench.suggest import did_you_mean, read_yaml_mapping
 
 PROTOCOLS = ("synthetic", "classic", "blended", "u2pl", "cityscapes", "coco", "camvid", "ablation")
@@ -181,6 +182,14 @@ def load_sweep(path: str | Path) -> Sweep:
             _distribution(key, spec, str(path))
             if not key.startswith("selector.") and key not in {f.name for f in dataclasses.fields(TrainConfig)}:
                 raise SweepError(f"{path}: search space key '{key}' is not a config key")
+        searched = {k.split(".", 1)[1]: None for k in sweep.search.space if k.startswith("selector.")}
+        names = sweep.search.space.get("selector", {}).get("choice")
+        for trial in sweep.trials():
+            for name in names or [trial.config(Path("/tmp/cslbench-check"), sweep.name).selector]:
+                try:
+                    check_selector(name, {**trial.config(Path("/tmp/cslbench-check"), sweep.name).selector_params, **searched})
+                except ValueError as exc:
+                    raise SweepError(f"{path}: search space of trial {trial.label}: {exc}") from None
         if sweep.search.mode not in ("max", "min"):
             raise SweepError(f"{path}: search mode must be max or min, got {sweep.search.mode!r}")
     for trial in sweep.trials() + sweep.warm_start_trials():  # every config valid before anything runs
@@ -202,7 +211,7 @@ def trial_state(out: Path) -> str:
     return "partial" if any((out / name).is_file() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)) else "new"
 
 
-def check_inputs(configs: dict[str, TrainConfig]) -> None:
+def check_inputs(configs: dict[str, TrainConfig], warm_starts: set[str] = frozenset()) -> None:
     """Every data root, split and file a trial will read exists: one error listing what
     is missing and which trials need it, before any trial is scheduled."""
     from bench.data.sources import DataError, get_source
@@ -214,25 +223,31 @@ def check_inputs(configs: dict[str, TrainConfig]) -> None:
         key = (cfg.dataset, cfg.root, cfg.split_dir, cfg.split, cfg.labeled)
         if key not in seen:
             try:
-                load_split(get_source(cfg.dataset, cfg.root), cfg.split_dir, cfg.split, cfg.labeled)
+                split = load_split(get_source(cfg.dataset, cfg.root), cfg.split_dir, cfg.split, cfg.labeled)
                 seen[key] = None
+                if split.origin.startswith("generated"):  # say so: a missing split folder is easy to miss
+                    print(f"note: no split files in {Path(cfg.split_dir) / cfg.dataset / cfg.split}; {cfg.dataset} split {split.origin}", flush=True)
             except DataError as exc:
                 seen[key] = str(exc)
         if seen[key]:
             problems.setdefault(seen[key], []).append(label)
         if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
             problems.setdefault(f"pretrained={cfg.pretrained} is not a file", []).append(label)
+        if cfg.init_from and cfg.init_from not in warm_starts and not Path(cfg.init_from).exists():
+            problems.setdefault(f"init_from={cfg.init_from} does not exist", []).append(label)
     if problems:
         lines = [f"{message}\n  (needed by {len(labels)} trials: {', '.join(labels[:4])}{', ...' if len(labels) > 4 else ''})" for message, labels in problems.items()]
         raise SweepError("the sweep cannot start; nothing was run:\n" + "\n".join(lines))
 
 
 def stale_trials(trials: list[tuple[Trial, TrainConfig]]) -> dict[str, dict[str, tuple]]:
-    """Trials whose stored config differs from the sweep file's: {label: {key: (stored, now)}}."""
+    """Trials holding results or progress (complete, or a checkpoint) under another config
+    than the sweep file's: {label: {key: (stored, now)}}. A failed or skipped trial with no
+    checkpoint holds neither and simply runs again."""
     stale = {}
     for trial, cfg in trials:
         record = read_record_or_none(Path(cfg.out))
-        if record is None or "config" not in record:
+        if record is None or "config" not in record or trial_state(Path(cfg.out)) == "new":
             continue
         diff = config_differences(record["config"], cfg.to_dict())
         if diff:
@@ -412,7 +427,10 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
     warm = [(t, t.config(warm_dir, sweep.name)) for t in sweep.warm_start_trials()]
     init = {t.overrides.get("seed", 0): str(warm_dir / t.label) for t, _ in warm}
     main = [(t, t.config(trials_dir, sweep.name, init.get(t.overrides.get("seed", 0)) if warm else None)) for t in sweep.trials()]
-    check_inputs({t.label: c for t, c in warm + main})
+    for _, c in warm + main:  # Ray shows a trial the GPUs it asked for and no others
+        if c.device == "auto":
+            c.device = "cuda" if sweep.resources.gpu > 0 else "cpu"
+    check_inputs({t.label: c for t, c in warm + main}, set(init.values()))
 
     if sweep.search is not None:
         return _search(sweep, root, resume, address, max_concurrent, verbose)

@@ -29,6 +29,8 @@ from bench.losses import PseudoTargets, pseudo_label_loss, supervised_loss
 from bench.metrics import SelectionQualityMeter
 from bench.models import build_model
 from bench.records import (
+    CHECKPOINT,
+    CheckpointError,
     failure,
     git_sha,
     library_versions,
@@ -75,14 +77,13 @@ def _to(batch: dict, device: torch.device) -> dict:
 def _warm_start(path: str, expected_hash: str | None) -> tuple[dict, str | None]:
     """Model weights and config hash of an earlier run (its folder or a checkpoint file)."""
     file = Path(path)
-    if file.is_dir():
-        state = load_checkpoint(file)
-        if state is None:
-            raise FileNotFoundError(f"init_from={path}: no checkpoint.pt there (train that run first)")
-    elif file.is_file():
+    file = file / CHECKPOINT if file.is_dir() else file
+    if not file.is_file():
+        raise FileNotFoundError(f"init_from={path}: no {file.name} there (train that run first)")
+    try:  # the newest weights or an error: an older checkpoint would be a silent change of start
         state = torch.load(file, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"init_from={path} does not exist (train that run first)")
+    except Exception as exc:
+        raise CheckpointError(f"init_from={path}: {file} cannot be read ({type(exc).__name__}: {exc}); retrain that run") from None
     found = state.get("config_hash")
     if expected_hash is not None and found != expected_hash:
         raise ResumeError(
@@ -338,13 +339,13 @@ class Trainer:
             return self.record
         self.record["status"] = "running"
         write_record(self.out, self.record)
-        streams = [iter(loader) for loader in self._loaders()]
         self.model.train()
         bar = tqdm(total=cfg.iters, initial=self.start_iter, desc=self.out.name, unit="it", disable=not self.show_progress, dynamic_ncols=True)
-        t_mark = time.perf_counter()
         self.iteration = self.start_iter
         failed = True
         try:
+            streams = [iter(loader) for loader in self._loaders()]
+            t_mark = time.perf_counter()
             for t in range(self.start_iter, cfg.iters):
                 self.iteration = t
                 lr = self._set_lr(t)
@@ -372,10 +373,10 @@ class Trainer:
                     last = self.curves[-1]
                     shown = {k.removeprefix("loss_") or k: f"{v:.3f}" for k, v in last.items() if k.startswith("loss")}
                     bar.set_postfix(**shown, val_miou=f"{self.last_val:.3f}")
-                if done % cfg.checkpoint_every == 0 and done < cfg.iters:
+                if done % cfg.checkpoint_every == 0 and done < cfg.iters:  # not training time either
                     self.cost["wall_s"] += time.perf_counter() - t_mark
-                    t_mark = time.perf_counter()
                     self._checkpoint(done)
+                    t_mark = time.perf_counter()
                 bar.update(1)
             self.cost["wall_s"] += time.perf_counter() - t_mark
             self._finish()
@@ -510,8 +511,10 @@ class Trainer:
         save_checkpoint(self.out, state)
 
     def _resume(self) -> None:
+        """Continue from the checkpoint. A record without one (failed early, skipped, or
+        corrupt) holds no progress and is replaced; a complete one is kept as it is."""
         previous = read_record_or_none(self.out)  # a corrupt record is rebuilt from the checkpoint
-        if previous is not None and previous.get("config_hash") != self.config.hash():
+        if previous is not None and previous.get("status") == "complete" and previous.get("config_hash") != self.config.hash():
             raise ResumeError(
                 f"{self.out} holds a run with another config (hash {previous.get('config_hash')} vs "
                 f"{self.config.hash()}); resume with the same config or choose another out="
@@ -522,7 +525,10 @@ class Trainer:
                 self.record = previous
             return  # nothing saved yet: start from the beginning
         if state["config_hash"] != self.config.hash():
-            raise ResumeError(f"checkpoint in {self.out} was written with another config; use the same config or another out=")
+            raise ResumeError(
+                f"checkpoint in {self.out} was written with another config (hash {state['config_hash']} vs "
+                f"{self.config.hash()}); use the same config or another out="
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:

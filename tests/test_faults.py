@@ -139,14 +139,18 @@ def test_the_record_says_complete_only_after_the_final_checkpoint(tmp_path, monk
     trainer = Trainer(config(tmp_path / "run", "iters=4", "checkpoint_every=10"), show_progress=False)
     real = train.save_checkpoint
 
+    seen = []
+
     def fail_final(out, state):
-        if state["iteration"] == 4:
+        if state["iteration"] == 4:  # the process dies here: what does the disk say?
+            seen.append(json.loads((tmp_path / "run" / "record.json").read_text())["status"])
             raise OSError("disk full")
         real(out, state)
 
     monkeypatch.setattr(train, "save_checkpoint", fail_final)
     with pytest.raises(OSError, match="disk full"):
         trainer.run()
+    assert seen == ["running"]
     assert json.loads((tmp_path / "run" / "record.json").read_text())["status"] == "failed"
 
 
@@ -248,3 +252,26 @@ def test_a_run_started_from_a_warm_start_reloads_for_analysis(tmp_path):
     loaded = load_trained(tmp_path / "main")
     saved = torch.load(tmp_path / "main" / CHECKPOINT, weights_only=True)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_a_loader_worker_error_is_reported_as_the_original(tmp_path):
+    """With workers the DataLoader re-raises a wrapped copy; the record names the file."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split, n in (("train", 6), ("val", 2)):
+        for i in range(n):
+            (root / split).mkdir(parents=True, exist_ok=True)
+            (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((40, 48, 3), 20 * i, np.uint8)).save(root / split / f"f{i}.png")
+            Image.fromarray(np.full((40, 48), i % 11, np.uint8)).save(root / f"{split}annot" / f"f{i}.png")
+    for i in range(6):  # every training image cut short, so the first batch hits one
+        data = (root / "train" / f"f{i}.png").read_bytes()
+        (root / "train" / f"f{i}.png").write_bytes(data[: len(data) // 3])
+    cfg = config(tmp_path / "run", "dataset=camvid", f"root={root}", "labeled=2", "iters=2", "workers=1", "framework=supervised")
+    with pytest.raises(Exception, match="cannot read image"):
+        Trainer(cfg, show_progress=False).run()
+    error = json.loads((tmp_path / "run" / "record.json").read_text())["error"]
+    assert error["type"] == "DataError" and error["message"].startswith(f"cannot read image {root / 'train'}/f")
+    assert "Traceback" not in error["message"] and error["iteration"] == 1

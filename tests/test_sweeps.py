@@ -230,6 +230,11 @@ def test_a_failed_warm_start_skips_the_trials_that_need_it(tmp_path):
     assert main["csl-seed=1"]["error"]["message"].startswith("warm start warmup-seed=1 failed (DivergedError")
     assert not any((tmp_path / "st" / "tiny" / "trials" / name / "checkpoint.pt").exists() for name in main)  # never ran
     assert "6 trials skipped" in run.stderr and "2 trials FAILED" in run.stderr
+    # fixed (the lr put back), the failed and skipped trials run again on --resume
+    fixed = subprocess.run(CLI + [str(write(tmp_path, text.replace("  lr: 1.0e+12\n", ""))), "--storage", str(tmp_path / "st"), "--resume", "--rerun-stale"],
+                           env=ENV, capture_output=True, text=True, timeout=600)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert {r["status"] for r in records(tmp_path / "st" / "tiny" / "trials").values()} == {"complete"}
 
 
 def test_data_problems_stop_the_sweep_before_ray_starts(tmp_path, monkeypatch):
@@ -314,6 +319,13 @@ def test_search_space_is_checked(tmp_path):
     text = TINY + "search:\n  space:\n    lrate: {uniform: [0.1, 1]}\n"
     with pytest.raises(SweepError, match="'lrate' is not a config key"):
         load_sweep(write(tmp_path, text))
+    only_csl = TINY.replace("  - {name: supervised, framework: supervised}\n  - {name: fixed, selector: fixed}\n", "")
+    text = only_csl + "search:\n  space:\n    selector.alpah: {uniform: [1, 9]}\n"
+    with pytest.raises(SweepError, match="trial csl-seed=0: selector 'csl' has no parameter 'alpah'.*did you mean 'alpha'"):
+        load_sweep(write(tmp_path, text))
+    text = only_csl + "search:\n  space:\n    selector: {choice: [csl, covr]}\n"
+    with pytest.raises(SweepError, match="unknown selector 'covr'.*did you mean 'covar'"):
+        load_sweep(write(tmp_path, text))
 
 
 def test_asha_search_runs_sampled_trials(tmp_path):
@@ -326,7 +338,7 @@ def test_asha_search_runs_sampled_trials(tmp_path):
     import ray
 
     try:
-        folder = run_sweep(sweep, tmp_path / "store", verbose=0)
+        folder = run_sweep(sweep, tmp_path / "store", verbose=0).trials_dir
     finally:
         ray.shutdown()
     runs = sorted(folder.glob("csl-seed=0-*/record.json"))
