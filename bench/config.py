@@ -165,6 +165,10 @@ def config_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> dict[s
     """Result keys whose values differ: {key: (stored, wanted)}. What a run resolves when it
     starts (device `auto`, the hash of its warm start) accepts whatever the run resolved."""
     a, b = result_keys(stored), result_keys(wanted)
+    for data in (a, b):  # two spellings of one path are one path
+        for key in PATH_KEYS:
+            if isinstance(data.get(key), str) and data[key] != "timm":
+                data[key] = os.path.normpath(data[key])
     for key, unresolved in (("device", "auto"), ("init_from_hash", None)):
         if b.get(key) == unresolved and key in a:
             b[key] = a[key]

@@ -84,6 +84,7 @@ def test_config_differences_accept_what_a_run_resolves():
     wanted = load_config(overrides=["iters=9"]).to_dict()  # device auto, no hash yet
     assert config_differences(stored, wanted) == {"iters": (7, 9)}
     assert config_differences(stored, {**wanted, "device": "cuda", "iters": 7}) == {"device": ("cpu", "cuda")}
+    assert config_differences({**stored, "root": "/a/b/../c"}, {**stored, "root": "/a/c"}) == {}
 
 
 @pytest.mark.parametrize(
