@@ -183,6 +183,7 @@ def test_real_data_sweep_from_another_folder_reports_every_failure(tmp_path):
     assert "2 trials FAILED" in run.stderr and "nan-seed=0: DivergedError" in run.stderr and "2 failed, 0 skipped" in run.stderr
 
 
+@pytest.mark.slow
 @needs_camvid
 def test_killed_real_data_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
     """From the repository root with the sweep file's own relative root. While it runs a
