@@ -30,7 +30,7 @@ demo: venv
 
 # Selector quality on a synthetic probability field and selector speed, in a minute.
 selector-demo: venv
-	$(VENV)/bin/cslbench demo
+	$(VENV)/bin/cslbench selector-demo
 
 test: venv
 	$(VENV)/bin/python -m pytest

@@ -16,78 +16,70 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.labels import IGNORE
 from bench.metrics import auroc_from_histograms
-from bench.selection import Selection, available_selectors, get_selector
+from bench.runs import LoadedRun
+from bench.selection import Selection, available_selectors, build_context, get_selector
 
 BINS = 2048
-
-
-def load_trained(run: str | Path):
-    """A Trainer rebuilt from a run folder's record, with its checkpoint's weights."""
-    import json
-
-    from bench.config import from_dict
-    from bench.tracking import Tracker
-    from bench.train import Trainer
-
-    run = Path(run)
-    run = run.parent if run.is_file() else run
-    record_path = run / "record.json"
-    if not record_path.is_file() or not (run / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"{run} is not a run folder with record.json and checkpoint.pt")
-    data = json.loads(record_path.read_text())["config"]
-    data["init_from"], data["init_from_hash"] = str(run), None  # this run's own weights
-    data["wandb_mode"] = "disabled"
-    return Trainer(from_dict(data), tracker=Tracker(), show_progress=False)
 
 
 @dataclass
 class Predictions:
     probs: list[torch.Tensor]  # per image (K, H, W)
-    gt: list[torch.Tensor]  # per image (H, W), 255 = ignore
+    gt: list[torch.Tensor]  # per image (H, W), IGNORE = void
     mc_logits: list[torch.Tensor] | None  # per image (T, K, H, W)
     labeled: tuple[torch.Tensor, torch.Tensor] | None  # labelled probs (B, K, H, W), targets
     num_classes: int
 
 
 @torch.no_grad()
-def collect_predictions(trainer, limit: int = 100, mc_passes: int = 10) -> Predictions:
-    """The model's softmax on up to `limit` unlabeled images (whole image), T stochastic
-    passes for UPS, and a labelled batch for DAW."""
+def collect_predictions(run: LoadedRun, limit: int = 100, mc_passes: int | None = None) -> Predictions:
+    """The run's model (its EMA teacher where it had one) on up to `limit` unlabeled images
+    (whole image): the softmax, as many stochastic passes as any registered selector
+    declares (`mc_passes`), and a labelled batch for selectors that read one."""
     from bench.data.loaders import EvalSet
 
-    model = trainer.ema if trainer.ema is not None else trainer.model
-    model.eval()
+    if mc_passes is None:
+        mc_passes = max(get_selector(n, num_classes=run.num_classes).mc_passes for n in available_selectors())
+    model = run.model.eval()
     probs, gts, mcs = [], [], []
-    unl = EvalSet(trainer.source, trainer.split.unlabeled[:limit])
+    unl = EvalSet(run.source, run.split.unlabeled[:limit])
     for i in range(len(unl)):
         item = unl[i]
-        x = item["image"][None].to(trainer.device)
+        x = item["image"][None].to(run.device)
         probs.append(model(x).float().softmax(1)[0].cpu())
-        mcs.append(torch.stack([model(x, stochastic=True).float()[0].cpu() for _ in range(mc_passes)]))
+        if mc_passes:
+            mcs.append(torch.stack([model(x, stochastic=True).float()[0].cpu() for _ in range(mc_passes)]))
         gts.append(item["mask"])
-    lab = EvalSet(trainer.source, trainer.split.labeled[:8])
+    lab = EvalSet(run.source, run.split.labeled[:8])
     items = [lab[i] for i in range(len(lab))]
     same = len({tuple(it["image"].shape) for it in items}) == 1
     labeled = None
     if same:
-        x = torch.stack([it["image"] for it in items]).to(trainer.device)
+        x = torch.stack([it["image"] for it in items]).to(run.device)
         labeled = (model(x).float().softmax(1).cpu(), torch.stack([it["mask"] for it in items]))
-    return Predictions(probs, gts, mcs, labeled, trainer.num_classes)
+    return Predictions(probs, gts, mcs or None, labeled, run.num_classes)
 
 
 def _select_all(sel, preds: Predictions) -> list[Selection]:
     out = []
     for i, p in enumerate(preds.probs):
         valid = torch.ones(p.shape[1:], dtype=torch.bool)[None]
-        ctx = {}  # no progress: schedules (U2PL) sit at their start, the strictest point
-        if "mc_logits" in sel.context_keys and preds.mc_logits is not None:
-            ctx["mc_logits"] = preds.mc_logits[i][:, None]
-        if "labeled_probs" in sel.context_keys and preds.labeled is not None:
-            ctx["labeled_probs"], ctx["labeled_target"] = preds.labeled
-        ctx = {k: v for k, v in ctx.items() if k in sel.context_keys}
-        out.append(sel.select(p[None], valid, **ctx))
+        available = {}  # no progress: schedules (U2PL) sit at their start, the strictest point
+        if preds.mc_logits is not None:
+            available["mc_logits"] = lambda passes, i=i: _passes(preds, i, passes, sel.name)
+        if preds.labeled is not None:
+            available["labeled_probs"], available["labeled_target"] = preds.labeled
+        out.append(sel.select(p[None], valid, **build_context(sel, available)))
     return out
+
+
+def _passes(preds: Predictions, i: int, passes: int, name: str) -> torch.Tensor:
+    have = preds.mc_logits[i].shape[0]
+    if passes > have:
+        raise ValueError(f"selector '{name}' asks for {passes} stochastic passes but only {have} were collected (collect_predictions(mc_passes=...))")
+    return preds.mc_logits[i][:passes, None]
 
 
 def _histograms(scores: list[torch.Tensor], correct: list[torch.Tensor], keep: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +111,7 @@ def _precision_at_count(all_hist: np.ndarray, cor_hist: np.ndarray, k: np.ndarra
 
 def select_eval(preds: Predictions, names: list[str] | None = None, bootstrap: int = 1000, seed: int = 0) -> list[dict]:
     names = names or available_selectors()
-    labelled = [(g != 255) & (g < preds.num_classes) for g in preds.gt]
+    labelled = [(g != IGNORE) & (g < preds.num_classes) for g in preds.gt]
     conf = [p.max(0).values for p in preds.probs]
     label = [p.argmax(0) for p in preds.probs]
     correct = [(l == g) for l, g in zip(label, preds.gt)]
@@ -137,8 +129,7 @@ def select_eval(preds: Predictions, names: list[str] | None = None, bootstrap: i
         _score_row("1 - normalised entropy", certainty, correct, labelled),
     ]
     for name in names:
-        kwargs = {"passes": preds.mc_logits[0].shape[0]} if name == "ups" and preds.mc_logits else {}
-        sel = get_selector(name, num_classes=preds.num_classes, **kwargs)
+        sel = get_selector(name, num_classes=preds.num_classes)
         _select_all(sel, preds)  # first pass warms stateful selectors (EMAs, histories)
         selections = _select_all(sel, preds)
         sel_mask = [s.reliable[0] & k for s, k in zip(selections, labelled)]
@@ -208,7 +199,7 @@ def plot_confidence_overlap(preds: Predictions, path: Path) -> None:
     conf = torch.cat([p.max(0).values.flatten() for p in preds.probs])
     label = torch.cat([p.argmax(0).flatten() for p in preds.probs])
     gt = torch.cat([g.flatten() for g in preds.gt])
-    keep = gt != 255
+    keep = gt != IGNORE
     right = conf[keep & (label == gt)].numpy()
     wrong = conf[keep & (label != gt)].numpy()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -234,7 +225,7 @@ def plot_cv_plane(preds: Predictions, path: Path, image: int = 0) -> None:
     v = residual_variance(moments, preds.num_classes).flatten().numpy()
     gt = preds.gt[image].flatten()
     ok = (moments.label.flatten() == gt).numpy()
-    keep = (gt != 255).numpy()
+    keep = (gt != IGNORE).numpy()
     w = get_selector("csl", num_classes=preds.num_classes).select(p, torch.ones(p.shape[0], *p.shape[2:], dtype=torch.bool)).weight.flatten().numpy()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(c[keep & ok], v[keep & ok], s=3, alpha=0.4, label="correct")
@@ -253,7 +244,7 @@ def plot_precision_coverage(preds: Predictions, path: Path, names: list[str] | N
     top-scored pixels against the fraction admitted; dots mark each selector's own set."""
     plt = _plt()
     names = names or available_selectors()
-    labelled = torch.cat([((g != 255) & (g < preds.num_classes)).flatten() for g in preds.gt])
+    labelled = torch.cat([((g != IGNORE) & (g < preds.num_classes)).flatten() for g in preds.gt])
     conf = torch.cat([p.max(0).values.flatten() for p in preds.probs])
     correct = torch.cat([(p.argmax(0) == g).flatten() for p, g in zip(preds.probs, preds.gt)])[labelled]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -268,8 +259,7 @@ def plot_precision_coverage(preds: Predictions, path: Path, names: list[str] | N
     curve(conf, "max confidence", color="k", lw=2)
     colours = plt.get_cmap("tab20").colors
     for i, name in enumerate(names):
-        kwargs = {"passes": preds.mc_logits[0].shape[0]} if name == "ups" and preds.mc_logits else {}
-        sel = get_selector(name, num_classes=preds.num_classes, **kwargs)
+        sel = get_selector(name, num_classes=preds.num_classes)
         _select_all(sel, preds)
         outs = _select_all(sel, preds)
         weight = torch.cat([o.weight.flatten() for o in outs])

@@ -34,6 +34,22 @@ def _devices(choice: str) -> list[str]:
     return [choice]
 
 
+def selector_params_from(items: list[str]) -> dict[str, dict]:
+    """`NAME.KEY=VALUE` items -> {NAME: {KEY: VALUE}}, each checked against the registry."""
+    from bench.config import parse_overrides
+    from bench.selection import check_selector
+
+    params: dict[str, dict] = {}
+    for key, value in parse_overrides(items).items():
+        name, dot, param = key.partition(".")
+        if not dot or not param:
+            raise ValueError(f"{key!r} should look like SELECTOR.KEY=VALUE (e.g. ups.passes=5)")
+        params.setdefault(name, {})[param] = value
+    for name, values in params.items():
+        check_selector(name, values)
+    return params
+
+
 def cmd_kernels(args) -> None:
     from bench.kernels import DEFAULT_SHAPES, format_table, parse_shape, time_kernels, write_json
     from bench.selection import available_selectors
@@ -47,6 +63,10 @@ def cmd_kernels(args) -> None:
     unknown = sorted(set(names) - set(available_selectors()))
     if unknown:
         raise SystemExit(f"--selectors: unknown {unknown}; available: {', '.join(available_selectors())}")
+    try:
+        params = selector_params_from(args.param or [])
+    except ValueError as exc:
+        raise SystemExit(f"--param: {exc}")
     rows = []
     for device in _devices(args.device):
         rows += time_kernels(
@@ -54,7 +74,7 @@ def cmd_kernels(args) -> None:
             device=device,
             selectors=names,
             budget_s=args.budget,
-            ups_passes=args.ups_passes,
+            params=params,
             include_svd_loop=not args.no_svd_loop,
             progress=lambda s: print(f"  timing {s}", file=sys.stderr, flush=True),
         )
@@ -164,11 +184,13 @@ def cmd_select_eval(args) -> None:
     from bench.records import atomic_write_text
 
     _threads(args.threads)
+    from bench.runs import RunFolderError, load_run
+
     try:
-        trainer = analysis.load_trained(args.run)
-    except FileNotFoundError as exc:
+        run = load_run(args.run)
+    except (RunFolderError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
-    preds = analysis.collect_predictions(trainer, limit=args.images)
+    preds = analysis.collect_predictions(run, limit=args.images)
     rows = analysis.select_eval(preds)
     table = analysis.format_select_eval(rows)
     print(f"{len(preds.probs)} unlabeled images of {args.run}; every selector on the same predictions\n")
@@ -194,7 +216,9 @@ def cmd_analyze(args) -> None:
         written.append("curves.png")
     run = args.checkpoint or next((str(p.parent) for p in sorted(Path(args.folder).rglob("checkpoint.pt"))), None)
     if run:
-        preds = analysis.collect_predictions(analysis.load_trained(run), limit=args.images)
+        from bench.runs import load_run
+
+        preds = analysis.collect_predictions(load_run(run), limit=args.images)
         analysis.plot_confidence_overlap(preds, out / "confidence_overlap.png")
         analysis.plot_cv_plane(preds, out / "cv_plane.png")
         analysis.plot_precision_coverage(preds, out / "precision_coverage.png")
@@ -212,12 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--selectors", nargs="+", metavar="NAME", help="default: every registered selector")
     k.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     k.add_argument("--budget", type=float, default=1.0, help="seconds of timing per kernel (min 5 calls)")
-    k.add_argument("--ups-passes", type=int, default=10, help="MC passes handed to UPS (its mc_passes)")
+    k.add_argument("--param", action="append", metavar="SELECTOR.KEY=VALUE", help="a selector parameter, e.g. ups.passes=5 (repeatable)")
     k.add_argument("--no-svd-loop", action="store_true", help="skip the per-image SVD reference for CSL")
     k.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     k.set_defaults(func=cmd_kernels)
 
-    d = sub.add_parser("demo", help="selection quality on a synthetic probability field, and selector speed")
+    d = sub.add_parser("selector-demo", help="selection quality on a synthetic probability field, and selector speed (make selector-demo)")
     d.add_argument("--out", default="runs/demo", help="folder for the JSON results")
     d.add_argument("--shapes", nargs="+", default=["8x21x128x128"], metavar="BxKxHxW")
     d.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")

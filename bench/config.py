@@ -19,9 +19,8 @@ from typing import Any
 
 import yaml
 
-from bench.suggest import did_you_mean, read_yaml_mapping
+from bench.suggest import did_you_mean
 
-FRAMEWORKS = ("supervised", "fixmatch", "unimatch")
 NORMALISERS = ("valid", "selected")
 EVAL_MODES = ("whole", "sliding", "center")
 # Defaults that depend on the dataset, filled in when the config is resolved. The
@@ -99,7 +98,9 @@ class TrainConfig:
         for key, value in {**GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(self.dataset, {})}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        choices = {"framework": FRAMEWORKS, "normaliser": NORMALISERS, "eval_mode": EVAL_MODES}
+        from bench.frameworks import FRAMEWORKS  # the registry of steps decides what exists
+
+        choices = {"framework": list(FRAMEWORKS), "normaliser": NORMALISERS, "eval_mode": EVAL_MODES}
         for key, options in choices.items():
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(options)}")
@@ -150,6 +151,17 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+def read_yaml_mapping(path, error: type[Exception], what: str) -> dict:
+    """A YAML file that must hold a mapping, read with safe_load."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must hold a mapping of key: value")
+    return data
 
 
 def result_keys(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""The main job until the training harness exists: what each selector selects on a
-synthetic probability field with known ground truth, and what it costs."""
+"""`cslbench selector-demo` (`make selector-demo`): what each selector selects on a
+synthetic probability field with known ground truth, and what it costs, in a minute.
+The benchmark itself is `make demo` (sweeps/default.yaml)."""
 
 from __future__ import annotations
 
@@ -13,32 +14,29 @@ from bench.kernels import format_table, time_kernels, write_json
 from bench.metrics import SelectionQualityMeter
 from bench.probability_field import IGNORE, prediction_field
 from bench.records import atomic_write_text
-from bench.selection import available_selectors, get_selector
+from bench.selection import available_selectors, build_context, get_selector
 
 COLUMNS = ("coverage", "precision", "recall", "weighted_precision", "f1", "auroc", "pseudo_miou")
 
 
-def selection_quality(batches: int = 4, batch_size: int = 8, num_classes: int = 8, size: int = 96, mc_passes: int = 10) -> dict:
+def selection_quality(batches: int = 4, batch_size: int = 8, num_classes: int = 8, size: int = 96) -> dict:
     """Every selector on the same synthetic predictions; stateful selectors see the
     batches in order, starting from their initial state (as at the start of training)."""
     names = available_selectors()
-    selectors = {
-        n: get_selector(n, num_classes=num_classes, passes=mc_passes) if n == "ups" else get_selector(n, num_classes=num_classes)
-        for n in names
-    }
+    selectors = {n: get_selector(n, num_classes=num_classes) for n in names}
+    mc_passes = max(sel.mc_passes for sel in selectors.values())
     meters = {n: SelectionQualityMeter(num_classes) for n in names}
     for i in tqdm(range(batches), desc="selection quality", unit="batch", leave=False):
         field, mc = prediction_field(batch_size, num_classes, size, seed=2 * i, mc_passes=mc_passes)
         labeled, _ = prediction_field(batch_size, num_classes, size, seed=2 * i + 1)
-        context = {
-            "mc_logits": mc,
+        available = {
+            "mc_logits": lambda passes, mc=mc: mc[:passes],
             "labeled_probs": labeled.probs,
             "labeled_target": labeled.gt,
             "progress": i / max(batches - 1, 1),
         }
         for n, sel in selectors.items():
-            ctx = {k: context[k] for k in sel.context_keys}
-            out = sel.select(field.probs, field.valid, **ctx)
+            out = sel.select(field.probs, field.valid, **build_context(sel, available))
             meters[n].update(out, field.gt, ignore_index=IGNORE)
     return {n: m.compute() for n, m in meters.items()}
 

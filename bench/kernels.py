@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bench.selection import available_selectors, get_selector
+from bench.selection import available_selectors, build_context, get_selector
 
 BARE = "bare threshold"
 SVD_LOOP = "csl (per-image SVD loop)"
@@ -56,16 +56,21 @@ def synthetic_inputs(shape, device, seed=0) -> tuple[Tensor, Tensor]:
     return probs.to(device), valid.to(device)
 
 
-def context_inputs(name: str, probs: Tensor, passes: int) -> dict:
-    """The context a selector reads, shaped as the trainer would pass it."""
-    if name == "ups":
-        base = torch.log(probs.clamp(min=1e-6))
-        return {"mc_logits": base.unsqueeze(0) + 0.05 * torch.randn((passes, *probs.shape), device=probs.device)}
-    if name == "daw":
-        return {"labeled_probs": probs, "labeled_target": probs.argmax(1)}
-    if name == "u2pl":
-        return {"progress": 0.5}
-    return {}
+def available_context(probs: Tensor, progress: float = 0.5) -> dict:
+    """Every context a selector may declare, shaped as the trainer offers it; `build_context`
+    takes what each selector asks for (the stochastic passes only when asked, untimed)."""
+    base = torch.log(probs.clamp(min=1e-6))
+    return {
+        "mc_logits": lambda passes: base.unsqueeze(0) + 0.05 * torch.randn((passes, *probs.shape), device=probs.device),
+        "labeled_probs": probs,
+        "labeled_target": probs.argmax(1),
+        "progress": progress,
+    }
+
+
+def bare_threshold(probs: Tensor, valid: Tensor) -> Tensor:
+    """The reference every ratio divides by: one read of the probabilities."""
+    return (probs.max(1).values >= 0.95) & valid
 
 
 def svd_loop_csl(probs: Tensor, valid: Tensor, alpha: float = 2.0, eps: float = 1e-8) -> Tensor:
@@ -125,7 +130,7 @@ def time_kernels(
     selectors: list[str] | None = None,
     min_repeats: int = 5,
     budget_s: float = 1.0,
-    ups_passes: int = 10,
+    params: dict[str, dict] | None = None,
     include_svd_loop: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[KernelTiming]:
@@ -137,12 +142,10 @@ def time_kernels(
         b, k, h, w = shape
         pixels = b * h * w
         read_bytes = probs.numel() * probs.element_size()
-        kernels: list[tuple[str, Callable[[], object]]] = [
-            (BARE, lambda: (probs.max(1).values >= 0.95) & valid)
-        ]
+        kernels: list[tuple[str, Callable[[], object]]] = [(BARE, lambda: bare_threshold(probs, valid))]
         for name in names:
-            sel = get_selector(name, num_classes=k, passes=ups_passes) if name == "ups" else get_selector(name, num_classes=k)
-            ctx = context_inputs(name, probs, ups_passes)
+            sel = get_selector(name, num_classes=k, **(params or {}).get(name, {}))
+            ctx = build_context(sel, available_context(probs))
             kernels.append((name, lambda sel=sel, ctx=ctx: sel.select(probs, valid, **ctx)))
         if include_svd_loop:
             kernels.append((SVD_LOOP, lambda: svd_loop_csl(probs, valid)))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.labels import IGNORE
 from bench.selection import Selection
 
 
@@ -42,7 +43,7 @@ class PseudoTargets:
         )
 
 
-def supervised_loss(logits: Tensor, mask: Tensor, ignore_index: int = 255) -> Tensor:
+def supervised_loss(logits: Tensor, mask: Tensor, ignore_index: int = IGNORE) -> Tensor:
     return F.cross_entropy(logits.float(), mask, ignore_index=ignore_index)
 
 

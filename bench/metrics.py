@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from bench.labels import IGNORE
 from bench.selection import Selection
 
 
@@ -39,7 +40,7 @@ def nanmean(values: Tensor) -> float:
 class IoUMeter:
     """Confusion matrix over a dataset; mIoU is the nanmean of per-class IoU."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE):
         if num_classes < 2:
             raise ValueError(f"IoUMeter: num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
@@ -116,7 +117,7 @@ class SelectionQualityMeter:
         delta.load_state_dict({k: getattr(self, k) - earlier[k] for k in self._STATE})
         return delta.compute()
 
-    def update(self, selection: Selection, gt: Tensor, ignore_index: int = 255, valid: Tensor | None = None) -> None:
+    def update(self, selection: Selection, gt: Tensor, ignore_index: int = IGNORE, valid: Tensor | None = None) -> None:
         if gt.shape != selection.label.shape:
             raise ValueError(
                 f"SelectionQualityMeter: gt shape {tuple(gt.shape)} != selection shape "

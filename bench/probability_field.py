@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = 255
+from bench.labels import IGNORE
+
 
 
 @dataclass(frozen=True)

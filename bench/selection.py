@@ -17,7 +17,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -163,6 +163,31 @@ class Selector:
                 "probs must be probabilities that sum to 1 over the class axis at valid "
                 f"pixels (largest deviation {float(deviation.max()):.3g}); apply softmax to logits first"
             )
+
+
+def build_context(selector: Selector, available: Mapping[str, Any]) -> dict[str, Any]:
+    """The context `selector` declares (`context_keys`), taken from what the caller has.
+
+    Every caller (training, analysis, kernel timing, demos, tests) offers what it can and
+    lets the selector's declaration decide, so no caller names a selector. A value may be a
+    callable, evaluated only when a selector asks for it: `mc_logits` is called with the
+    number of stochastic passes the selector declares (`mc_passes`), every other callable
+    with no argument. A declared key the caller cannot offer is left out; the selector's
+    `required_context` check then names it.
+    """
+    context = {}
+    for key in selector.context_keys:
+        if key not in CONTEXT_KEYS:
+            raise ValueError(f"selector '{selector.name}' declares unknown context {key!r}; valid keys: {list(CONTEXT_KEYS)}")
+        if key not in available:
+            continue
+        value = available[key]
+        if callable(value):
+            if key == "mc_logits" and selector.mc_passes < 1:
+                continue  # declared but no passes asked for: nothing to compute
+            value = value(selector.mc_passes) if key == "mc_logits" else value()
+        context[key] = value
+    return context
 
 
 # ------------------------------------------------------------------------------------

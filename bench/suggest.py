@@ -15,17 +15,3 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
         close = sorted((o for o in options if o in word or word in o), key=len, reverse=True)[:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
-
-def read_yaml_mapping(path, error: type[Exception], what: str) -> dict:
-    """A YAML file that must hold a mapping, read with safe_load."""
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise error(f"{what} {path} must hold a mapping of key: value")
-    return data

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import ConfigError, TrainConfig, apply, config_differences
+from bench.config import ConfigError, TrainConfig, apply, config_differences, read_yaml_mapping
 from bench.records import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
@@ -42,7 +42,7 @@ from bench.records import (
     write_record,
 )
 from bench.selection import check_selector
-from bench.suggest import did_you_mean, read_yaml_mapping
+from bench.suggest import did_you_mean
 
 PROTOCOLS = ("synthetic", "classic", "blended", "u2pl", "cityscapes", "coco", "camvid", "ablation")
 

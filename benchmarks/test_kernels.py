@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from bench.kernels import context_inputs, svd_loop_csl, synthetic_inputs
-from bench.selection import available_selectors, get_selector
+from bench.kernels import available_context, bare_threshold, svd_loop_csl, synthetic_inputs
+from bench.selection import available_selectors, build_context, get_selector
 
 SHAPES = {"8x21x128x128": (8, 21, 128, 128), "16x21x256x256": (16, 21, 256, 256)}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -42,7 +42,7 @@ def reference_ms(kind, shape, device):
     key = (kind, shape, device)
     if key not in _reference_ms:
         probs, valid = inputs(shape, device)
-        fn = (lambda: (probs.max(1).values >= 0.95) & valid) if kind == "bare" else (lambda: svd_loop_csl(probs, valid))
+        fn = (lambda: bare_threshold(probs, valid)) if kind == "bare" else (lambda: svd_loop_csl(probs, valid))
         fn()
         times = []
         for _ in range(15 if kind == "bare" else 5):
@@ -60,10 +60,10 @@ def reference_ms(kind, shape, device):
 def test_selector_speed(benchmark, ratio_log, name, shape, device):
     probs, valid = inputs(shape, device)
     if name == "bare":
-        fn = lambda: (probs.max(1).values >= 0.95) & valid  # noqa: E731
+        fn = lambda: bare_threshold(probs, valid)  # noqa: E731
     else:
         sel = get_selector(name, num_classes=probs.shape[1])
-        ctx = context_inputs(name, probs, sel.mc_passes)
+        ctx = build_context(sel, available_context(probs))
         fn = lambda: sel.select(probs, valid, **ctx)  # noqa: E731
 
     def run():

@@ -15,6 +15,7 @@ import math
 import torch
 
 from bench.confidence import class_moments
+from bench.labels import IGNORE
 from bench.selection import Selector, hard_selection, register_selector
 
 
@@ -44,7 +45,7 @@ class DistributionAwareThreshold(Selector):
     context_keys = ("labeled_probs", "labeled_target")
 
     def __init__(
-        self, num_classes: int, momentum: float = 0.99, tau_start: float = 0.95, ignore_index: int = 255
+        self, num_classes: int, momentum: float = 0.99, tau_start: float = 0.95, ignore_index: int = IGNORE
     ):
         super().__init__(num_classes)
         if not 0.0 <= momentum < 1.0:

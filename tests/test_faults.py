@@ -1,6 +1,7 @@
 """Faults one training run must survive or report: divergence, a checkpoint cut short or
 killed mid-write, a corrupt record, a W&B that stops answering, undefined numbers."""
 
+import contextlib
 import json
 import os
 import signal
@@ -243,15 +244,34 @@ def test_every_printer_shows_undefined_numbers_as_a_dash():
 
 
 def test_a_run_started_from_a_warm_start_reloads_for_analysis(tmp_path):
-    from bench.analysis import load_trained
+    from bench.runs import load_run
 
     Trainer(config(tmp_path / "warm", "iters=2", "framework=supervised"), show_progress=False).run()
     main = Trainer(config(tmp_path / "main", "iters=2", f"init_from={tmp_path / 'warm'}"), show_progress=False)
     assert main.config.init_from_hash == main.record["config"]["init_from_hash"] == config(tmp_path / "warm", "iters=2", "framework=supervised", "device=cpu").hash()
     main.run()
-    loaded = load_trained(tmp_path / "main")
+    loaded = load_run(tmp_path / "main")
     saved = torch.load(tmp_path / "main" / CHECKPOINT, weights_only=True)["model"]
+    assert not loaded.teacher and loaded.iteration == 2
     assert all(torch.equal(v, saved[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_load_run_gives_the_model_that_made_the_reported_miou(tmp_path):
+    """With an EMA teacher the evaluated model is the teacher, not the student: evaluating
+    what load_run returns must reproduce the record's final mIoU exactly."""
+    from bench.data.loaders import EvalSet
+    from bench.evaluate import evaluate
+    from bench.runs import load_run
+
+    out = tmp_path / "ema"
+    record = Trainer(config(out, "iters=3", "ema_teacher=true", "selector=fixed", "selector.tau=0.5"), show_progress=False).run()
+    run = load_run(out)
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    assert run.teacher and all(torch.equal(v, state["ema"][k]) for k, v in run.model.state_dict().items())
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])  # they differ
+    loader = torch.utils.data.DataLoader(EvalSet(run.source, run.split.val), batch_size=1)
+    again = evaluate(run.model, loader, run.num_classes, "whole", 32, 2 / 3, run.device, contextlib.nullcontext)
+    assert again["miou"] == record["final"]["miou"]
 
 
 def test_a_loader_worker_error_is_reported_as_the_original(tmp_path):

@@ -49,7 +49,9 @@ def test_tiny_run_writes_a_complete_record(tmp_path, extra):
     assert [c["iter"] for c in on_disk["curves"]] == [2, 3, 4, 6]
     assert [c["iter"] for c in on_disk["curves"] if "val_miou" in c] == [3, 6]
     final = on_disk["final"]
-    assert 0 <= final["miou"] <= 1 and final["miou_best_val"] >= final["miou"] and "best_val_note" in final
+    evals = [c["val_miou"] for c in on_disk["curves"] if "val_miou" in c]
+    assert final["miou"] == evals[-1] and final["miou_best_val"] == max(evals) and "best_val_note" in final
+    assert final["best_val_iter"] == [3, 6][evals.index(max(evals))]
     assert len(final["per_class_iou"]) == 6
     assert 0 <= final["unlabeled_probe"]["confidence_auroc"] <= 1
     cost = on_disk["cost"]
@@ -88,10 +90,10 @@ def test_selectors_never_receive_unlabeled_ground_truth(tmp_path, monkeypatch):
     Spy.seen = []
     trainer = Trainer(tiny(tmp_path, "selector=spy", "iters=3", "eval_every=3", "log_every=3"), show_progress=False)
     truths, labeled = [], []
-    update = trainer.meter.update
-    monkeypatch.setattr(trainer.meter, "update", lambda sel, gt, **kw: (truths.append(gt), update(sel, gt, **kw)))
+    update = trainer.log.meter.update
+    monkeypatch.setattr(trainer.log.meter, "update", lambda sel, gt, **kw: (truths.append(gt), update(sel, gt, **kw)))
     step = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda t, lab, unl, mix: (labeled.append(lab["mask"]), step(t, lab, unl, mix))[1])
+    monkeypatch.setattr(trainer, "train_step", lambda t, batch: (labeled.append(batch.mask), step(t, batch))[1])
     trainer.run()
     assert len(Spy.seen) == len(truths) == 3
     for (probs, valid, context), gt, lab_mask in zip(Spy.seen, truths, labeled):
@@ -99,8 +101,63 @@ def test_selectors_never_receive_unlabeled_ground_truth(tmp_path, monkeypatch):
         for tensor in received:
             assert tensor.data_ptr() != gt.data_ptr()
             assert not (tensor.shape == gt.shape and tensor.dtype == gt.dtype and torch.equal(tensor, gt))
-        assert set(context) <= {"progress", "labeled_probs", "labeled_target"}
+        assert set(context) == {"progress", "labeled_probs", "labeled_target"}  # no passes: mc_passes = 0
         assert torch.equal(context["labeled_target"], lab_mask)  # labelled truth is allowed
+
+
+def test_the_step_cannot_be_given_unlabeled_truth():
+    """By construction: an unlabelled batch as the loader yields it does not fit the type
+    a step receives until its truth is taken out."""
+    from dataclasses import fields
+
+    from bench.data.loaders import UNLABELED, UnlabeledSet
+    from bench.data.sources import get_source
+    from bench.data.splits import load_split
+    from bench.frameworks import UnlabeledView
+    from bench.train import split_truth
+
+    source = get_source("synthetic", None)
+    split = load_split(source, "splits", "default", 20)
+    item = UnlabeledSet(source, split.unlabeled, 32, (0.8, 1.25), 0, UNLABELED, mask_view=True)[(0, 0, 0)]
+    assert "gt" in item  # the loader does carry it, for the meter
+    with pytest.raises(TypeError, match="gt"):
+        UnlabeledView(**item)
+    batch = {k: v[None] for k, v in item.items()}
+    step_batch, gt = split_truth({"image": batch["weak"], "mask": batch["gt"]}, batch, batch)
+    assert torch.equal(gt, torch.cat([batch["gt"], batch["gt"]]))
+    assert {f.name for f in fields(UnlabeledView)} == {"weak", "strong1", "strong2", "box1", "box2", "valid", "masked", "hide"}
+    assert "gt" in batch  # the caller's dicts are left as they were
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["selector=fixed", "selector.tau=0.3"], ["selector=csl", "csl_mask_view=true"], ["selector=daw", "ema_teacher=true", "framework=fixmatch"]],
+    ids=["unimatch-fixed", "unimatch-csl-mask", "fixmatch-ema-daw"],
+)
+def test_training_is_blind_to_unlabeled_truth(tmp_path, monkeypatch, extra):
+    """Scrambling the unlabelled ground truth (random classes, some void) must change the
+    selection-quality numbers and nothing else: a tensor derived from it (say
+    `valid & (gt != 255)`) reaching a selector, a loss or a view would change the losses."""
+    from bench.data.loaders import UnlabeledSet
+
+    common = ["iters=4", "eval_every=4", "log_every=2", "probe_images=0", *extra]
+    Trainer(tiny(tmp_path / "true", *common), show_progress=False).run()
+    getitem = UnlabeledSet.__getitem__
+
+    def scrambled(self, key):
+        item = getitem(self, key)
+        g = torch.Generator().manual_seed(hash(key) % 2**31)
+        noise = torch.randint(0, 7, item["gt"].shape, generator=g)
+        item["gt"] = torch.where(noise == 6, 255, noise)
+        return item
+
+    monkeypatch.setattr(UnlabeledSet, "__getitem__", scrambled)
+    Trainer(tiny(tmp_path / "scrambled", *common), show_progress=False).run()
+    (a, wa), (b, wb) = _final_state(tmp_path / "true" / "run"), _final_state(tmp_path / "scrambled" / "run")
+    strip = lambda curves: [{k: v for k, v in c.items() if not k.startswith("sel_")} for c in curves]  # noqa: E731
+    assert strip(a["curves"]) == strip(b["curves"]) and a["final"] == b["final"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["selection"] != b["selection"]  # the meter did see the truth
 
 
 def _final_state(out: Path):

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from bench.data import synthetic
+from bench.labels import IGNORE
 
-IGNORE = 255
 
 
 @dataclass(frozen=True)

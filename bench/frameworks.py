@@ -1,0 +1,176 @@
+"""The semi-supervised algorithms, one plain function per framework.
+
+Each step reads top to bottom like UniMatch's training loop: predictions on the weak views,
+selection, strong views, losses. A step receives what a learner may see and nothing more:
+`UnlabeledView` has no ground-truth field, so unlabelled truth cannot reach a step, a
+selector or a loss (the loop gives it to the selection meter itself). The step returns
+its loss and loss parts as tensors; the loop does the backward pass, the optimiser and
+the EMA teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from bench.losses import PseudoTargets, pseudo_label_loss, supervised_loss
+from bench.selection import Selection
+from csl.masking import hide_pixels, reliable_block_mask
+
+
+@dataclass(frozen=True)
+class UnlabeledView:
+    """One unlabelled batch as the learner sees it (no ground truth, by construction)."""
+
+    weak: Tensor  # (B, 3, H, W)
+    strong1: Tensor
+    strong2: Tensor
+    box1: Tensor  # (B, H, W) bool CutMix boxes
+    box2: Tensor
+    valid: Tensor  # (B, H, W) bool: image rather than padding
+    masked: Tensor | None = None  # CSL masking view (mild jitter or strong), with `hide`
+    hide: Tensor | None = None  # (B,) bool: which images of `masked` get pixels hidden
+
+
+@dataclass(frozen=True)
+class Batch:
+    image: Tensor  # labelled images (B, 3, H, W)
+    mask: Tensor  # their labels (B, H, W)
+    unl: UnlabeledView | None = None  # the unlabelled batch
+    mix: UnlabeledView | None = None  # the batch CutMix pastes from
+
+
+@dataclass
+class StepOut:
+    loss: Tensor  # what the loop back-propagates
+    parts: dict[str, Tensor]  # the loss terms, for the curves
+    selection: Selection | None = None  # on torch.cat([unl, mix]), for the meter
+    valid: Tensor | None = None  # the pixels the selection was made on
+
+
+class Select(Protocol):
+    """The selector as a step calls it: `available` holds every context a selector may
+    declare (values, or callables computed only when it asks, e.g. extra forward passes)."""
+
+    def __call__(self, probs: Tensor, valid: Tensor, **available) -> Selection: ...
+
+
+Step = Callable[..., StepOut]
+
+
+def supervised_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> StepOut:
+    loss_x = supervised_loss(model(batch.image), batch.mask)
+    return StepOut(loss_x, {"loss_x": loss_x})
+
+
+def fixmatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> StepOut:
+    """FixMatch for segmentation: one CutMix strong view trained on the selected labels."""
+    x, y, u, m = batch.image, batch.mask, batch.unl, batch.mix
+    bx, bu = x.shape[0], u.weak.shape[0]
+    pred = model(torch.cat([x, u.weak]))
+    pred_x = pred[:bx]
+    valid = torch.cat([u.valid, m.valid])
+    selection = _select(model, teacher, select, pred[bx:].detach(), pred_x.detach(), y, u, m, valid, cfg, t)
+    target_u, target_mix = PseudoTargets.from_selection(selection, valid).split([bu, bu])
+
+    pred_s = model(cutmix(u.strong1, m.strong1, u.box1))
+
+    loss_x = supervised_loss(pred_x, y)
+    loss_s = pseudo_label_loss(pred_s, target_u.paste(target_mix, u.box1), cfg.normaliser)
+    return StepOut((loss_x + loss_s) / 2, {"loss_x": loss_x, "loss_s": loss_s}, selection, valid)
+
+
+def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> StepOut:
+    """UniMatch: a feature-perturbed weak view and two CutMix strong views; with
+    `csl_mask_view`, CSL's masking view (no CutMix) replaces the second strong view."""
+    x, y, u, m = batch.image, batch.mask, batch.unl, batch.mix
+    bx, bu = x.shape[0], u.weak.shape[0]
+    pred, pred_fp = model(torch.cat([x, u.weak]), need_fp=True)
+    pred_x, pred_fp = pred[:bx], pred_fp[bx:]
+    valid = torch.cat([u.valid, m.valid])
+    selection = _select(model, teacher, select, pred[bx:].detach(), pred_x.detach(), y, u, m, valid, cfg, t)
+    target_u, target_mix = PseudoTargets.from_selection(selection, valid).split([bu, bu])
+
+    view1, target1 = cutmix(u.strong1, m.strong1, u.box1), target_u.paste(target_mix, u.box1)
+    if cfg.csl_mask_view:
+        view2, target2, name2 = masking_view(u, selection.reliable[:bu], cfg, t), target_u, "loss_mask"
+    else:
+        view2, target2, name2 = cutmix(u.strong2, m.strong2, u.box2), target_u.paste(target_mix, u.box2), "loss_s2"
+    pred_s1, pred_s2 = model(torch.cat([view1, view2])).split(bu)
+
+    loss_x = supervised_loss(pred_x, y)
+    loss_s1 = pseudo_label_loss(pred_s1, target1, cfg.normaliser)
+    loss_s2 = pseudo_label_loss(pred_s2, target2, cfg.normaliser)
+    loss_fp = pseudo_label_loss(pred_fp, target_u, cfg.normaliser)
+    loss = (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp) / 2
+    return StepOut(loss, {"loss_x": loss_x, "loss_fp": loss_fp, "loss_s": loss_s1, name2: loss_s2}, selection, valid)
+
+
+@dataclass(frozen=True)
+class Framework:
+    step: Step
+    semi_supervised: bool  # needs unlabelled batches
+
+
+FRAMEWORKS: dict[str, Framework] = {
+    "supervised": Framework(supervised_step, semi_supervised=False),
+    "fixmatch": Framework(fixmatch_step, semi_supervised=True),
+    "unimatch": Framework(unimatch_step, semi_supervised=True),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Pieces the steps share
+# --------------------------------------------------------------------------------------
+def _select(model, teacher, select: Select, student_weak, labeled_logits, labeled_target, u, m, valid, cfg, t) -> Selection:
+    """Selection on both weak batches (the mix source gets its own) from the teacher's
+    softmax, offering every context a selector may declare."""
+    weak = torch.cat([u.weak, m.weak])
+    logits = pseudo_label_logits(model, teacher, u.weak, m.weak, student_weak)
+    return select(
+        logits.float().softmax(1),
+        valid,
+        progress=t / cfg.iters,
+        labeled_probs=lambda: labeled_logits.float().softmax(1),
+        labeled_target=labeled_target,
+        mc_logits=lambda passes: mc_logits(teacher if teacher is not None else model, weak, passes),
+    )
+
+
+@torch.no_grad()
+def pseudo_label_logits(model, teacher, weak: Tensor, weak_mix: Tensor, student_weak: Tensor) -> Tensor:
+    """The EMA teacher on both weak batches, or (UniMatch's default) the student's own
+    prediction on the weak view plus an eval-mode pass on the mix batch."""
+    if teacher is not None:
+        return teacher(torch.cat([weak, weak_mix]))
+    model.eval()
+    mix_logits = model(weak_mix)
+    model.train()
+    return torch.cat([student_weak, mix_logits])
+
+
+@torch.no_grad()
+def mc_logits(model, weak: Tensor, passes: int) -> Tensor:
+    """`passes` stochastic (decoder dropout) passes in eval mode, stacked (T, B, K, H, W)."""
+    was_training = model.training
+    model.eval()
+    out = torch.stack([model(weak, stochastic=True).float() for _ in range(passes)])
+    model.train(was_training)
+    return out
+
+
+def cutmix(images: Tensor, source: Tensor, box: Tensor) -> Tensor:
+    """Paste `source` into `images` inside `box` (B, H, W)."""
+    return torch.where(box.unsqueeze(1), source, images)
+
+
+def masking_view(u: UnlabeledView, reliable: Tensor, cfg, t: int) -> Tensor:
+    """CSL: hide reliable pixels inside random blocks of the images drawn for hiding (mild
+    jitter); the others keep an ordinary strong view."""
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + t)
+    hidden = reliable_block_mask(reliable, cfg.mask_block, cfg.mask_ratio, generator=g)
+    hidden &= u.hide.view(-1, 1, 1)
+    return hide_pixels(u.masked, hidden)

@@ -1,0 +1,120 @@
+"""What a run has measured so far, as one object that checkpoints itself.
+
+The loop adds to it (step losses, evaluations, selection-quality updates, time) and reads
+curve points and the cost summary from it; `state_dict()` / `load_state_dict()` carry every
+field, so a resumed run continues the same curves, meters and clocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import resource
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from bench.metrics import SelectionQualityMeter
+
+
+@dataclass
+class RunLog:
+    meter: SelectionQualityMeter | None  # selection quality over all of training (semi-supervised runs)
+    meter_at_log: dict | None = None  # the meter's state at the last log step
+    curves: list[dict] = field(default_factory=list)
+    pending_losses: dict[str, float] = field(default_factory=dict)  # sums since the last log step
+    pending_steps: int = 0
+    pending_eval: dict = field(default_factory=dict)  # an evaluation not yet in the curves
+    last_eval: dict | None = None
+    best_val: tuple[float, int] = (math.nan, -1)  # (mIoU, iteration)
+    cost: dict = field(default_factory=lambda: {"wall_s": 0.0, "selector_s": 0.0, "extra_forward_passes": 0})
+    _mark: float = field(default=0.0, repr=False)  # wall-clock start of the time not yet counted
+
+    def __post_init__(self):
+        if self.meter is not None and self.meter_at_log is None:
+            self.meter_at_log = self.meter.state_dict()
+
+    # -- updates ------------------------------------------------------------------------
+    def add_step(self, losses: dict[str, float]) -> None:
+        for k, v in losses.items():
+            self.pending_losses[k] = self.pending_losses.get(k, 0.0) + v
+        self.pending_steps += 1
+
+    def add_eval(self, result: dict, done: int) -> None:
+        self.last_eval = result
+        if not (self.best_val[0] >= result["miou"]):  # NaN-safe: the first evaluation wins
+            self.best_val = (result["miou"], done)
+        self.pending_eval = {"val_miou": result["miou"]}
+
+    def log_point(self, done: int, lr: float) -> dict:
+        """Close the interval since the last log step: mean losses, the selection quality
+        of that interval, and an evaluation made in it (at the iteration it was made)."""
+        point = {"iter": done, "lr": lr}
+        point.update({k: v / max(self.pending_steps, 1) for k, v in self.pending_losses.items()})
+        if self.meter is not None:
+            q = self.meter.since(self.meter_at_log)
+            point.update(sel_precision=q["precision"], sel_recall=q["recall"], sel_coverage=q["coverage"], sel_weighted_precision=q["weighted_precision"])
+            self.meter_at_log = self.meter.state_dict()
+        point.update(self.pending_eval)
+        self.pending_eval, self.pending_losses, self.pending_steps = {}, {}, 0
+        self.curves.append(point)
+        return point
+
+    @property
+    def last_val(self) -> float:
+        return self.last_eval["miou"] if self.last_eval is not None else math.nan
+
+    # -- training time ------------------------------------------------------------------
+    def start_clock(self) -> None:
+        self._mark = time.perf_counter()
+
+    def charge_time(self) -> None:
+        now = time.perf_counter()
+        self.cost["wall_s"] += now - self._mark
+        self._mark = now
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """Evaluation and checkpoints are not training time."""
+        self.charge_time()
+        try:
+            yield
+        finally:
+            self._mark = time.perf_counter()
+
+    def cost_summary(self, done: int, device: torch.device) -> dict:
+        trained = max(done, 1)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        wall = self.cost["wall_s"]
+        return {
+            "wall_s": wall,
+            "iters": done,
+            "it_per_s": trained / wall if wall else math.nan,
+            "selector_ms_per_iter": 1e3 * self.cost["selector_s"] / trained,
+            "extra_forward_passes": self.cost["extra_forward_passes"],
+            "peak_mem_mb": peak,
+            "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        }
+
+    # -- checkpoint ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_") and f.name != "meter"}
+        state["meter"] = self.meter.state_dict() if self.meter is not None else None
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {f.name for f in fields(self) if not f.name.startswith("_")}
+        if set(state) != expected:
+            raise ValueError(f"run log state has keys {sorted(state)}, expected {sorted(expected)}")
+        if (state["meter"] is None) != (self.meter is None):
+            raise ValueError("run log state and this run disagree on whether selection is measured")
+        for name in expected - {"meter"}:
+            setattr(self, name, copy.deepcopy(state[name]))
+        self.best_val = tuple(self.best_val)
+        if self.meter is not None:
+            self.meter.load_state_dict(state["meter"])
