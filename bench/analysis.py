@@ -132,14 +132,16 @@ def select_eval(preds: Predictions, names: list[str] | None = None, bootstrap: i
         sel = get_selector(name, num_classes=preds.num_classes)
         _select_all(sel, preds)  # first pass warms stateful selectors (EMAs, histories)
         selections = _select_all(sel, preds)
+        # judged on its own labels (UPS labels from its passes, not the plain argmax)
+        own_correct = [s.label[0] == g for s, g in zip(selections, preds.gt)]
         sel_mask = [s.reliable[0] & k for s, k in zip(selections, labelled)]
         per_img_sel = np.array([float(m.sum()) for m in sel_mask])
-        per_img_hit = np.array([float((m & c).sum()) for m, c in zip(sel_mask, correct)])
+        per_img_hit = np.array([float((m & c).sum()) for m, c in zip(sel_mask, own_correct)])
         k_total = per_img_sel.sum()
-        row = _score_row(name, [s.weight[0] for s in selections], correct, labelled)
+        row = _score_row(name, [s.weight[0] for s in selections], own_correct, labelled)
         row["coverage"] = k_total / max(sum(float(k.sum()) for k in labelled), 1)
         row["precision"] = per_img_hit.sum() / k_total if k_total else math.nan
-        row["recall"] = per_img_hit.sum() / max(sum(float((c & k).sum()) for c, k in zip(correct, labelled)), 1)
+        row["recall"] = per_img_hit.sum() / max(sum(float((c & k).sum()) for c, k in zip(own_correct, labelled)), 1)
         if k_total:
             matched = _precision_at_count(all_h.sum(0, keepdims=True), cor_h.sum(0, keepdims=True), np.array([k_total]))[0]
             boot_k = counts @ per_img_sel

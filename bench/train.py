@@ -136,8 +136,8 @@ class MeasuredSelector:
         if not torch.isfinite(probs).all():  # weights went non-finite on the last step
             raise DivergedError(f"model output is NaN or infinite at iteration {self.iteration + 1}: training diverged (try a lower lr)")
         context = build_context(self.selector, available)
-        if "mc_logits" in context:
-            self.log.cost["extra_forward_passes"] += self.selector.mc_passes
+        if "mc_logits" in context:  # the passes that ran, not the ones asked for
+            self.log.cost["extra_forward_passes"] += context["mc_logits"].shape[0]
         self._sync()
         start = time.perf_counter()
         selection = self.selector.select(probs, valid, **context)

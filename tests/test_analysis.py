@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+import bench.selection as selection
 from bench import analysis
 from bench.analysis import Predictions, _precision_at_count, select_eval
 from bench.probability_field import prediction_field
@@ -35,16 +36,56 @@ def field_predictions(n=6, k=5):
 
 
 def test_a_fixed_threshold_gains_nothing_over_the_matched_threshold():
-    rows = {r["name"]: r for r in select_eval(field_predictions(), ["fixed", "csl", "all"], bootstrap=200)}
+    rows = {r["name"]: r for r in select_eval(field_predictions(), ["fixed", "all"], bootstrap=200)}
     fixed = rows["fixed"]
     # fixed IS a global max-confidence threshold: same pixels, same precision
     assert abs(fixed["precision_gain"]) < 0.005
-    assert fixed["gain_ci"][0] <= 0.005 and fixed["gain_ci"][1] >= -0.005
     assert rows["all"]["coverage"] == pytest.approx(1.0) and abs(rows["all"]["precision_gain"]) < 1e-9
-    lo, hi = rows["csl"]["gain_ci"]
-    assert lo <= rows["csl"]["precision_gain"] <= hi
     for score in ("max confidence", "margin (top-1 - top-2)", "1 - normalised entropy"):
         assert 0.5 < rows[score]["auroc"] < 1
+
+
+class LeastConfident(selection.Selector):
+    """Keeps the least confident 30% of pixels: worse than any threshold of equal size."""
+
+    def _select(self, probs, valid, moments, **context):
+        c = moments.confidence
+        return selection.hard_selection(moments.label, c <= c.flatten().quantile(0.3), valid)
+
+
+class NextClass(selection.Selector):
+    """Keeps every pixel, labelled with the class after the argmax."""
+
+    def _select(self, probs, valid, moments, **context):
+        return selection.hard_selection((moments.label + 1) % self.num_classes, valid, valid)
+
+
+@pytest.fixture
+def test_selectors(monkeypatch):
+    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    selection.register_selector("least-confident")(LeastConfident)
+    selection.register_selector("next-class")(NextClass)
+
+
+def test_the_bootstrap_interval_is_a_point_for_identical_images_and_catches_a_bad_selector(test_selectors):
+    one = field_predictions(n=1)
+    copies = Predictions(one.probs * 5, one.gt * 5, one.mc_logits * 5, one.labeled, one.num_classes)
+    row = {r["name"]: r for r in select_eval(copies, ["least-confident"], bootstrap=100)}["least-confident"]
+    lo, hi = row["gain_ci"]  # every resample is the same five images
+    assert lo == pytest.approx(row["precision_gain"]) and hi == pytest.approx(row["precision_gain"])
+    bad = {r["name"]: r for r in select_eval(field_predictions(), ["least-confident"], bootstrap=200)}["least-confident"]
+    assert bad["precision_gain"] < 0 and bad["gain_ci"][1] < 0
+
+
+def test_each_selector_is_judged_on_its_own_labels(test_selectors):
+    preds = field_predictions()
+    row = {r["name"]: r for r in select_eval(preds, ["next-class"], bootstrap=10)}["next-class"]
+    hits = total = 0
+    for p, g in zip(preds.probs, preds.gt):
+        keep = (g != 255) & (g < preds.num_classes)
+        hits += int(((p.argmax(0) + 1) % preds.num_classes == g)[keep].sum())
+        total += int(keep.sum())
+    assert row["coverage"] == 1.0 and row["precision"] == pytest.approx(hits / total)
 
 
 def test_figures_are_written(tmp_path):

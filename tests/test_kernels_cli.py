@@ -2,6 +2,7 @@ import json
 import types
 
 import pytest
+import torch
 
 from bench import kernels
 from bench.cli import main
@@ -63,3 +64,14 @@ def test_medians_and_ratios_against_a_fake_clock(monkeypatch):
     assert rows["a"].median_ms == pytest.approx(3.0) and rows["a"].ratio_to_bare == pytest.approx(3.0)
     assert rows["b"].ratio_to_bare == pytest.approx(1.5)
     assert {r.repeats for r in rows.values()} == {7}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_svd_loop_reference_computes_what_csl_computes(seed):
+    """The speed table compares CSL with the per-image SVD loop: only meaningful if both
+    give the same weights (generic inputs: no ties, no rank-1 images)."""
+    from bench.selection import get_selector
+
+    probs, valid = kernels.synthetic_inputs((3, 5, 16, 16), "cpu", seed=seed)
+    expected = get_selector("csl", num_classes=5).select(probs, valid).weight
+    assert torch.allclose(kernels.svd_loop_csl(probs, valid), expected, atol=1e-4)

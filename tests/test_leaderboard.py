@@ -9,14 +9,14 @@ from bench.config import TrainConfig
 from bench.leaderboard import leaderboard, load_rows, build_tables, paired_p_value
 
 
-def write(root, name, miou, seed, status="complete", **cfg):
+def write(root, name, miou, seed, status="complete", sel=(0.9, 0.6, 0.5), **cfg):
     config = TrainConfig(**{"seed": seed, **cfg}).validate().to_dict()
     record = {
         "status": status,
         "error": "boom" if status == "failed" else None,
         "config": config,
         "final": {"miou": miou, "miou_best_val": miou + 0.01} if status == "complete" else None,
-        "selection": {"precision": 0.9, "recall": 0.6, "coverage": 0.5} if cfg.get("framework") != "supervised" else None,
+        "selection": dict(zip(("precision", "recall", "coverage"), sel)) if cfg.get("framework") != "supervised" else None,
         "cost": {"wall_s": 100.0 + seed, "selector_ms_per_iter": 2.0, "extra_forward_passes": 0},
     }
     (root / name).mkdir(parents=True)
@@ -27,7 +27,7 @@ def write(root, name, miou, seed, status="complete", **cfg):
 def runs(tmp_path):
     for seed, (f, c, s) in enumerate([(0.50, 0.53, 0.40), (0.52, 0.56, 0.41), (0.54, 0.55, 0.42)]):
         write(tmp_path, f"fixed-{seed}", f, seed, selector="fixed")
-        write(tmp_path, f"csl-{seed}", c, seed, selector="csl")
+        write(tmp_path, f"csl-{seed}", c, seed, selector="csl", sel=(0.8, 0.7 + seed / 100, 0.6))
         write(tmp_path, f"sup-{seed}", s, seed, framework="supervised")
     write(tmp_path, "csl-broken", None, 7, status="failed", selector="csl")
     write(tmp_path, "csl-live", None, 8, status="running", selector="csl")
@@ -45,6 +45,11 @@ def test_means_stds_and_paired_p_by_hand(runs):
     p = 1 - t / math.sqrt(2 + t * t)
     assert p == pytest.approx(0.0942, abs=1e-4)
     assert f"| **54.7 ± 1.5 (3)** | {p:.3f} (3) |" in text
+    # the other columns: best-val = miou + 1 point, wall s = 100 + seed -> 101 on average;
+    # csl recall 70, 71, 72 -> 71.0; bold marks the best per column (higher precision and
+    # recall; coverage is not ranked)
+    assert "| fixed | 52.0 ± 2.0 (3) | – | 53.0 | **90.0** | 60.0 | 50.0 | **101** | **2.00** | **0** |" in text
+    assert "| **55.7** | 80.0 | **71.0** | 60.0 | **101** |" in text
     # failed and running runs are listed, not dropped
     assert "csl-broken: failed (boom)" in text and "csl-live: running" in text
 
@@ -77,4 +82,10 @@ def test_other_formats(runs, fmt, marker):
     out = leaderboard(runs, fmt=fmt)
     assert marker in out
     if fmt == "csv":
-        assert "0.52" in out and "csl" in out
+        import csv
+        import io
+
+        rows = {r["method"]: r for r in csv.DictReader(io.StringIO(out))}
+        assert float(rows["fixed"]["mean"]) == pytest.approx(0.52) and float(rows["fixed"]["std"]) == pytest.approx(0.02)
+        assert float(rows["csl"]["p_vs_fixed"]) == pytest.approx(0.0942, abs=1e-4) and rows["csl"]["n"] == "3"
+        assert float(rows["csl"]["recall"]) == pytest.approx(0.71) and rows["supervised"]["precision"] == ""

@@ -38,7 +38,9 @@ def tiny(tmp_path, *extra):
 )
 def test_tiny_run_writes_a_complete_record(tmp_path, extra):
     cfg = tiny(tmp_path, *extra)
+    started = time.perf_counter()
     record = Trainer(cfg, show_progress=False).run()
+    elapsed = time.perf_counter() - started
     on_disk = json.loads((Path(cfg.out) / "record.json").read_text())
     assert on_disk["status"] == record["status"] == "complete"
     for key in ("config", "config_hash", "splits", "git_sha", "versions", "device", "curves", "final", "cost"):
@@ -53,24 +55,45 @@ def test_tiny_run_writes_a_complete_record(tmp_path, extra):
     assert final["miou"] == evals[-1] and final["miou_best_val"] == max(evals) and "best_val_note" in final
     assert final["best_val_iter"] == [3, 6][evals.index(max(evals))]
     assert len(final["per_class_iou"]) == 6
-    assert 0 <= final["unlabeled_probe"]["confidence_auroc"] <= 1
+    assert final["unlabeled_probe"]["images"] == 4
     cost = on_disk["cost"]
-    assert cost["iters"] == 6 and cost["wall_s"] > 0 and cost["peak_mem_mb"] > 0
+    assert cost["iters"] == 6 and 0 < cost["wall_s"] < elapsed  # seconds; evaluation excluded
+    assert cost["it_per_s"] == pytest.approx(6 / cost["wall_s"])
+    assert 50 < cost["peak_mem_mb"] < 16_000  # MiB of process RSS, not KiB or bytes
     if "framework=supervised" in extra:
         assert on_disk["selection"] is None
     else:
         sel = on_disk["selection"]
         assert set(sel) >= {"precision", "recall", "coverage", "weighted_precision", "f1", "auroc"}
         assert all("sel_coverage" in c for c in on_disk["curves"])
-        assert cost["selector_ms_per_iter"] > 0
+        assert 0 < cost["selector_ms_per_iter"] * 6 / 1e3 < cost["wall_s"]  # ms per iteration, inside training time
     if "csl_mask_view=true" in extra:
         assert all("loss_mask" in c for c in on_disk["curves"])
 
 
-def test_ups_runs_its_passes_and_counts_them(tmp_path):
-    cfg = tiny(tmp_path, "selector=ups", "selector.passes=3", "iters=2", "eval_every=2", "log_every=2")
+def test_ups_runs_its_passes_and_counts_them(tmp_path, monkeypatch):
+    from bench import frameworks
+
+    stochastic = []
+    mc_logits = frameworks.mc_logits
+    monkeypatch.setattr(frameworks, "mc_logits", lambda model, weak, passes: (stochastic.append(passes), mc_logits(model, weak, passes))[1])
+    seen = []
+    select = selection.selector_class("ups").select
+    monkeypatch.setattr(selection.selector_class("ups"), "select", lambda self, p, v, **ctx: (seen.append(ctx["mc_logits"].shape), select(self, p, v, **ctx))[1])
+    cfg = tiny(tmp_path, "selector=ups", "selector.passes=3", "iters=2", "eval_every=2", "log_every=2", "batch_size=2")
     record = Trainer(cfg, show_progress=False).run()
+    assert stochastic == [3, 3]
+    assert [s[:2] for s in seen] == [(3, 4), (3, 4)]  # 3 passes over the 2 + 2 weak images
     assert record["cost"]["extra_forward_passes"] == 3 * 2
+
+
+def test_keeping_every_pixel_selects_everything(tmp_path):
+    """`all` admits every valid pixel: coverage and recall are 1 in every interval, and the
+    precision is the accuracy of the pseudo-labels."""
+    record = Trainer(tiny(tmp_path, "selector=all", "iters=4", "eval_every=4"), show_progress=False).run()
+    sel = record["selection"]
+    assert sel["coverage"] == 1.0 and sel["recall"] == 1.0 and sel["precision"] == pytest.approx(sel["label_accuracy"])
+    assert [c["sel_coverage"] for c in record["curves"]] == [1.0, 1.0]
 
 
 class Spy(selection.Selector):
