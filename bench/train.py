@@ -30,6 +30,7 @@ from bench.metrics import SelectionQualityMeter
 from bench.models import build_model
 from bench.records import (
     CHECKPOINT,
+    RECORD,
     CheckpointError,
     failure,
     git_sha,
@@ -51,6 +52,10 @@ BEST_VAL_NOTE = "best validation mIoU over all evaluations: model selection on v
 
 class ResumeError(RuntimeError):
     pass
+
+
+class RunExistsError(ResumeError):
+    """A new run would overwrite an earlier one."""
 
 
 class DivergedError(RuntimeError):
@@ -154,6 +159,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, tracker: Tracker | None = None, show_progress: bool = True, on_log=None):
         cfg = self.config = config.validate()
         self.out = Path(cfg.out)
+        if not resume and any((self.out / name).exists() for name in (RECORD, CHECKPOINT)):
+            status = (read_record_or_none(self.out) or {}).get("status", "unreadable")
+            raise RunExistsError(f"{self.out} already holds a run ({status}); continue it with --resume, or pass out=<another folder>")
         self.device = resolve_device(cfg.device)
         if cfg.device == "auto":  # the record says what ran (and the hash: CUDA means bf16)
             cfg.device = self.device.type

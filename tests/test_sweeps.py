@@ -53,11 +53,15 @@ def test_every_shipped_sweep_file_is_valid(path):
         assert sweep.grid.get("seed") == [0, 1, 2]
 
 
-def test_default_sweep_has_every_method_and_one_budget():
+def test_default_sweep_has_every_selector_and_one_budget():
+    from bench.selection import available_selectors
+
     sweep = load_sweep(SWEEPS / "default.yaml")
-    assert [m["name"] for m in sweep.methods] == ["supervised", "all", "fixed", "softmatch", "freematch", "ups", "covar", "csl", "csl+mask"]
     configs = [t.config(Path("/tmp/x"), "default") for t in sweep.trials()]
-    assert {c.iters for c in configs} == {150} and len(configs) == 27
+    semi = {c.selector for c in configs if c.framework != "supervised"}
+    assert semi == set(available_selectors())  # "every selector" stays true when one is added
+    assert {c.framework for c in configs} == {"supervised", "unimatch"} and any(c.csl_mask_view for c in configs)
+    assert {c.iters for c in configs} == {150} and len(configs) == 3 * (len(available_selectors()) + 2)
     assert {c.protocol for c in configs} == {"synthetic"}
 
 

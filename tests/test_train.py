@@ -253,3 +253,14 @@ def test_a_few_iterations_on_real_camvid(tmp_path):
     assert record["status"] == "complete"
     assert record["splits"]["sizes"] == {"labeled": 46, "unlabeled": 321, "val": 101}
     assert len(record["final"]["per_class_iou"]) == 11
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
+    from bench.train import RunExistsError
+
+    cfg = tiny(tmp_path, "iters=1", "eval_every=1", "log_every=1", "probe_images=0")
+    Trainer(cfg, show_progress=False).run()
+    before = (tmp_path / "run" / "record.json").read_bytes()
+    with pytest.raises(RunExistsError, match=r"already holds a run \(complete\).*--resume.*out="):
+        Trainer(tiny(tmp_path, "iters=1", "eval_every=1", "log_every=1", "probe_images=0", "seed=3"), show_progress=False)
+    assert (tmp_path / "run" / "record.json").read_bytes() == before
