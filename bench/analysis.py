@@ -266,12 +266,13 @@ def plot_precision_coverage(preds: Predictions, path: Path, names: list[str] | N
         outs = _select_all(sel, preds)
         weight = torch.cat([o.weight.flatten() for o in outs])
         reliable = torch.cat([o.reliable.flatten() for o in outs])[labelled]
+        own_correct = torch.cat([(o.label[0] == g).flatten() for o, g in zip(outs, preds.gt)])[labelled]
         colour = colours[(2 * i) % 20 + (2 * i) // 20]
         soft = weight.unique().numel() > 2
         if soft:
             curve(weight, name, color=colour, lw=1)
         if reliable.any():
-            ax.scatter([reliable.float().mean()], [correct[reliable].float().mean()], color=colour, label=None if soft else name, zorder=3)
+            ax.scatter([reliable.float().mean()], [own_correct[reliable].float().mean()], color=colour, label=None if soft else name, zorder=3)
     ax.set(xlabel="coverage (fraction of labelled pixels admitted)", ylabel="precision", title="Precision vs coverage on the same predictions")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

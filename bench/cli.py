@@ -184,18 +184,20 @@ def cmd_select_eval(args) -> None:
     from bench.records import atomic_write_text
 
     _threads(args.threads)
+    from bench.data.sources import DataError
+    from bench.records import CheckpointError
     from bench.runs import RunFolderError, load_run
 
     try:
         run = load_run(args.run)
-    except (RunFolderError, FileNotFoundError) as exc:
+    except (RunFolderError, DataError, CheckpointError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
     preds = analysis.collect_predictions(run, limit=args.images)
     rows = analysis.select_eval(preds)
     table = analysis.format_select_eval(rows)
     print(f"{len(preds.probs)} unlabeled images of {args.run}; every selector on the same predictions\n")
     print(table)
-    out = Path(args.out or Path(args.run) / "select_eval")
+    out = Path(args.out or run.path / "select_eval")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "select_eval.md", table + "\n")
     analysis.plot_precision_coverage(preds, out / "precision_coverage.png")
@@ -216,9 +218,15 @@ def cmd_analyze(args) -> None:
         written.append("curves.png")
     run = args.checkpoint or next((str(p.parent) for p in sorted(Path(args.folder).rglob("checkpoint.pt"))), None)
     if run:
-        from bench.runs import load_run
+        from bench.data.sources import DataError
+        from bench.records import CheckpointError
+        from bench.runs import RunFolderError, load_run
 
-        preds = analysis.collect_predictions(load_run(run), limit=args.images)
+        try:
+            loaded = load_run(run)
+        except (RunFolderError, DataError, CheckpointError) as exc:
+            raise SystemExit(f"error: {exc}")
+        preds = analysis.collect_predictions(loaded, limit=args.images)
         analysis.plot_confidence_overlap(preds, out / "confidence_overlap.png")
         analysis.plot_cv_plane(preds, out / "cv_plane.png")
         analysis.plot_precision_coverage(preds, out / "precision_coverage.png")

@@ -11,7 +11,7 @@ the EMA teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -58,7 +58,8 @@ class Select(Protocol):
     def __call__(self, probs: Tensor, valid: Tensor, **available) -> Selection: ...
 
 
-Step = Callable[..., StepOut]
+class Step(Protocol):
+    def __call__(self, model, teacher, select: Select, batch: Batch, cfg, t: int) -> StepOut: ...
 
 
 def supervised_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> StepOut:
@@ -72,8 +73,9 @@ def fixmatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
     bx, bu = x.shape[0], u.weak.shape[0]
     pred = model(torch.cat([x, u.weak]))
     pred_x = pred[:bx]
+    probs = pseudo_label_logits(model, teacher, u.weak, m.weak, pred[bx:].detach()).float().softmax(1)
     valid = torch.cat([u.valid, m.valid])
-    selection = _select(model, teacher, select, pred[bx:].detach(), pred_x.detach(), y, u, m, valid, cfg, t)
+    selection = select(probs, valid, **offered_context(model, teacher, batch, pred_x, cfg, t))
     target_u, target_mix = PseudoTargets.from_selection(selection, valid).split([bu, bu])
 
     pred_s = model(cutmix(u.strong1, m.strong1, u.box1))
@@ -90,8 +92,9 @@ def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
     bx, bu = x.shape[0], u.weak.shape[0]
     pred, pred_fp = model(torch.cat([x, u.weak]), need_fp=True)
     pred_x, pred_fp = pred[:bx], pred_fp[bx:]
+    probs = pseudo_label_logits(model, teacher, u.weak, m.weak, pred[bx:].detach()).float().softmax(1)
     valid = torch.cat([u.valid, m.valid])
-    selection = _select(model, teacher, select, pred[bx:].detach(), pred_x.detach(), y, u, m, valid, cfg, t)
+    selection = select(probs, valid, **offered_context(model, teacher, batch, pred_x, cfg, t))
     target_u, target_mix = PseudoTargets.from_selection(selection, valid).split([bu, bu])
 
     view1, target1 = cutmix(u.strong1, m.strong1, u.box1), target_u.paste(target_mix, u.box1)
@@ -106,6 +109,7 @@ def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
     loss_s2 = pseudo_label_loss(pred_s2, target2, cfg.normaliser)
     loss_fp = pseudo_label_loss(pred_fp, target_u, cfg.normaliser)
     loss = (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp) / 2
+    # "loss_s" (not "loss_s1") keeps the curve names of FixMatch and of earlier records
     return StepOut(loss, {"loss_x": loss_x, "loss_fp": loss_fp, "loss_s": loss_s1, name2: loss_s2}, selection, valid)
 
 
@@ -125,19 +129,17 @@ FRAMEWORKS: dict[str, Framework] = {
 # --------------------------------------------------------------------------------------
 # Pieces the steps share
 # --------------------------------------------------------------------------------------
-def _select(model, teacher, select: Select, student_weak, labeled_logits, labeled_target, u, m, valid, cfg, t) -> Selection:
-    """Selection on both weak batches (the mix source gets its own) from the teacher's
-    softmax, offering every context a selector may declare."""
-    weak = torch.cat([u.weak, m.weak])
-    logits = pseudo_label_logits(model, teacher, u.weak, m.weak, student_weak)
-    return select(
-        logits.float().softmax(1),
-        valid,
-        progress=t / cfg.iters,
-        labeled_probs=lambda: labeled_logits.float().softmax(1),
-        labeled_target=labeled_target,
-        mc_logits=lambda passes: mc_logits(teacher if teacher is not None else model, weak, passes),
-    )
+def offered_context(model, teacher, batch: Batch, pred_x: Tensor, cfg, t: int) -> dict:
+    """Everything a selector may declare (bench.selection.build_context takes what it asks
+    for): training progress, the labelled batch's prediction and labels, and stochastic
+    passes of the pseudo-labelling model over both weak batches, run only when asked."""
+    weak = lambda: torch.cat([batch.unl.weak, batch.mix.weak])  # noqa: E731
+    return {
+        "progress": t / cfg.iters,
+        "labeled_probs": lambda: pred_x.detach().float().softmax(1),
+        "labeled_target": batch.mask,
+        "mc_logits": lambda passes: mc_logits(teacher if teacher is not None else model, weak(), passes),
+    }
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ record: no optimiser, no loaders, no W&B, nothing written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +49,26 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
     run = run.parent if run.is_file() else run
     if not (run / RECORD).is_file() or not (run / CHECKPOINT).is_file():
         raise RunFolderError(f"{run} is not a run folder with {RECORD} and {CHECKPOINT} (train it first, or pass the run's folder)")
-    record = json.loads((run / RECORD).read_text())
-    config = from_dict({**record["config"], "pretrained": None, "init_from": None})  # weights come from the checkpoint
+    try:
+        record = json.loads((run / RECORD).read_text())
+        config = from_dict(record["config"])
+    except (ValueError, KeyError, TypeError) as exc:  # JSON, config and missing-key errors
+        raise RunFolderError(f"{run}/{RECORD} cannot be read as a run record ({type(exc).__name__}: {exc})") from None
     state = load_checkpoint(run)
     if state.get("config_hash") != record.get("config_hash"):
         raise RunFolderError(f"{run}: {CHECKPOINT} (config hash {state.get('config_hash')}) is not the run in {RECORD} ({record.get('config_hash')})")
+    if record.get("status") == "complete" and state.get("iteration") != record.get("iteration"):
+        raise RunFolderError(
+            f"{run}: the readable checkpoint is from iteration {state.get('iteration')}, but the record reports iteration "
+            f"{record.get('iteration')}; its weights did not produce the recorded mIoU"
+        )
     source = get_source(config.dataset, config.root)
     split = load_split(source, config.split_dir, config.split, config.labeled)
     recorded = (record.get("splits") or {}).get("sha256")
     if recorded and recorded != split.sha256:
         raise RunFolderError(f"{run}: the split files now in {split.origin} differ from the ones this run was trained on (sha256 in {RECORD})")
     target = resolve_device(device)
-    model = build_model(config, source.num_classes)
+    model = build_model(dataclasses.replace(config, pretrained=None), source.num_classes)  # weights: the checkpoint
     teacher = state.get("ema") is not None
     model.load_state_dict(state["ema"] if teacher else state["model"])
     return LoadedRun(run, config, record, model.to(target).eval(), teacher, state["iteration"], source, split, target)

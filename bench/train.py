@@ -30,6 +30,7 @@ from bench.metrics import SelectionQualityMeter
 from bench.models import build_model
 from bench.records import (
     CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
     RECORD,
     CheckpointError,
     failure,
@@ -78,7 +79,7 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def split_truth(lab: dict, unl: dict | None, mix: dict | None) -> tuple[Batch, Tensor | None]:
+def split_truth(lab: dict, unl: dict | None = None, mix: dict | None = None) -> tuple[Batch, Tensor | None]:
     """The step's batch, and apart from it the unlabelled ground truth (for the meter only)."""
     if unl is None:
         return Batch(lab["image"], lab["mask"]), None
@@ -159,8 +160,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, tracker: Tracker | None = None, show_progress: bool = True, on_log=None):
         cfg = self.config = config.validate()
         self.out = Path(cfg.out)
-        if not resume and any((self.out / name).exists() for name in (RECORD, CHECKPOINT)):
-            status = (read_record_or_none(self.out) or {}).get("status", "unreadable")
+        if not resume and any((self.out / name).exists() for name in (RECORD, CHECKPOINT, PREVIOUS_CHECKPOINT)):
+            status = (read_record_or_none(self.out) or {}).get("status", "no readable record")
             raise RunExistsError(f"{self.out} already holds a run ({status}); continue it with --resume, or pass out=<another folder>")
         self.device = resolve_device(cfg.device)
         if cfg.device == "auto":  # the record says what ran (and the hash: CUDA means bf16)
@@ -223,7 +224,7 @@ class Trainer:
                 if self.select is not None:
                     self.select.iteration = t
                 lr = poly_lr(self.optimizer, cfg, t)
-                batch, gt = split_truth(*[_to(next(s), self.device) for s in streams], *[None] * (3 - len(streams)))
+                batch, gt = split_truth(*(_to(next(s), self.device) for s in streams))  # truth kept apart
                 out = self.train_step(t, batch)
                 if out.selection is not None:
                     log.meter.update(out.selection, gt, ignore_index=IGNORE, valid=out.valid)
@@ -236,7 +237,8 @@ class Trainer:
                 if evaluated or done % cfg.log_every == 0:  # val_miou at the iteration it was measured
                     log.charge_time()
                     self._log(done, lr)
-                    bar.set_postfix(**{k.removeprefix("loss_") or k: f"{v:.3f}" for k, v in log.curves[-1].items() if k.startswith("loss")}, val_miou=f"{log.last_val:.3f}")
+                    losses = {k.removeprefix("loss_") or k: f"{v:.3f}" for k, v in log.curves[-1].items() if k.startswith("loss")}
+                    bar.set_postfix(**losses, val_miou=f"{log.last_val:.3f}")
                 if done % cfg.checkpoint_every == 0 and done < cfg.iters:
                     with log.untimed():
                         self._checkpoint(done)

@@ -14,7 +14,7 @@ from bench.config import load_config
 from bench.labels import IGNORE
 from bench.train import Trainer, _to, split_truth
 
-OVERRIDES = ["wandb_mode=disabled", "selector=fixed", "framework=unimatch", "out=/tmp/cslbench-bench-step"]
+OVERRIDES = ["device=cpu", "wandb_mode=disabled", "selector=fixed", "framework=unimatch", "out=/tmp/cslbench-bench-step"]
 
 
 def bare_step(model, optimizer, lab, unl, mix, tau=0.95):
@@ -40,7 +40,7 @@ def bare_step(model, optimizer, lab, unl, mix, tau=0.95):
     def masked(logits, lbl, w):
         return (F.cross_entropy(logits, lbl, reduction="none") * w).sum() / n_valid
 
-    loss_x = F.cross_entropy(pred[:bx], y, ignore_index=255)
+    loss_x = F.cross_entropy(pred[:bx], y, ignore_index=IGNORE)
     loss_s1 = masked(p1, torch.where(box1, label_m, label_u), torch.where(box1, w_m, w_u))
     loss_s2 = masked(p2, torch.where(box2, label_m, label_u), torch.where(box2, w_m, w_u))
     loss_fp = masked(pred_fp[bx:], label_u, w_u)

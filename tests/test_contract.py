@@ -9,29 +9,32 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bench.selection as selection
-from bench.selection import Selection, available_selectors, get_selector, selector_params
+from bench.selection import Selection, available_selectors, build_context, get_selector, selector_params
 
 ALL = ["ael", "all", "covar", "csl", "daw", "fixed", "flexmatch", "freematch", "softmatch", "u2pl", "ups"]
 STATEFUL = ["softmatch", "freematch", "flexmatch", "daw"]
 
 
+SMALL = {"ups": {"passes": 4}}  # fewer stochastic passes, to keep the tests quick
+
+
 def context_for(name, probs, seed=0):
-    """The context each selector reads, built the way the trainer builds it."""
+    """The context a selector declares, built as the trainer builds it: everything is
+    offered, `build_context` takes what the selector asks for."""
     B, K, H, W = probs.shape
     g = torch.Generator().manual_seed(seed)
-    if name == "ups":
-        base = torch.log(probs.clamp(min=1e-6))
-        return {"mc_logits": base + 0.05 * torch.randn(4, B, K, H, W, generator=g)}
-    if name == "daw":
-        lp = (torch.randn(B, K, H, W, generator=g) * 3).softmax(1)
-        return {"labeled_probs": lp, "labeled_target": torch.randint(0, K, (B, H, W), generator=g)}
-    if name == "u2pl":
-        return {"progress": 0.3}
-    return {}
+    base = torch.log(probs.clamp(min=1e-6))
+    available = {
+        "mc_logits": lambda passes: base + 0.05 * torch.randn(passes, B, K, H, W, generator=g),
+        "labeled_probs": (torch.randn(B, K, H, W, generator=g) * 3).softmax(1),
+        "labeled_target": torch.randint(0, K, (B, H, W), generator=g),
+        "progress": 0.3,
+    }
+    return build_context(build(name, K), available)
 
 
 def build(name, K):
-    return get_selector(name, num_classes=K, passes=4) if name == "ups" else get_selector(name, num_classes=K)
+    return get_selector(name, num_classes=K, **SMALL.get(name, {}))
 
 
 def test_every_selector_is_registered():
@@ -258,3 +261,27 @@ def test_register_decorator_refuses_a_taken_name():
 def test_selection_is_a_plain_result():
     out = get_selector("fixed", num_classes=2).select(torch.full((1, 2, 1, 1), 0.5), torch.ones(1, 1, 1, dtype=torch.bool))
     assert isinstance(out, Selection) and out.negatives is None
+
+
+def test_build_context_takes_only_what_a_selector_declares():
+    asked = []
+
+    class Wants(selection.Selector):
+        context_keys = ("mc_logits", "progress")
+        mc_passes = 3
+
+    class Declares(selection.Selector):
+        context_keys = ("labeled_probs",)
+
+    available = {
+        "mc_logits": lambda passes: asked.append(passes) or "passes",
+        "labeled_probs": lambda: asked.append("labeled") or "probs",
+        "progress": 0.5,
+    }
+    assert build_context(Wants(3), available) == {"mc_logits": "passes", "progress": 0.5}
+    assert asked == [3]  # nothing computed that was not asked for
+    assert build_context(Declares(3), available) == {"labeled_probs": "probs"} and asked == [3, "labeled"]
+    assert build_context(Declares(3), {}) == {}  # missing: left to required_context to name
+    Declares.context_keys = ("gt",)
+    with pytest.raises(ValueError, match="declares unknown context 'gt'"):
+        build_context(Declares(3), available)

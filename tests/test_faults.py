@@ -273,7 +273,8 @@ def test_load_run_gives_the_model_that_made_the_reported_miou(tmp_path):
     assert run.teacher and all(torch.equal(v, state["ema"][k]) for k, v in run.model.state_dict().items())
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])  # they differ
     loader = torch.utils.data.DataLoader(EvalSet(run.source, run.split.val), batch_size=1)
-    again = evaluate(run.model, loader, run.num_classes, "whole", 32, 2 / 3, run.device, contextlib.nullcontext)
+    cfg = run.config
+    again = evaluate(run.model, loader, run.num_classes, cfg.eval_mode, cfg.eval_crop or cfg.crop, cfg.eval_stride, run.device, contextlib.nullcontext)
     assert again["miou"] == record["final"]["miou"]
 
 
@@ -298,3 +299,15 @@ def test_a_loader_worker_error_is_reported_as_the_original(tmp_path):
     error = json.loads((tmp_path / "run" / "record.json").read_text())["error"]
     assert error["type"] == "DataError" and error["message"].startswith(f"cannot read image {root / 'train'}/f")
     assert "Traceback" not in error["message"] and error["iteration"] == 1
+
+
+def test_load_run_refuses_weights_older_than_the_record(tmp_path):
+    """A complete record with only the previous checkpoint readable: those weights did not
+    make the reported mIoU, so analysis must not silently use them."""
+    from bench.runs import RunFolderError, load_run
+
+    out = tmp_path / "run"
+    Trainer(config(out, "iters=4", "checkpoint_every=2", "probe_images=0"), show_progress=False).run()
+    (out / CHECKPOINT).write_bytes((out / CHECKPOINT).read_bytes()[:100])  # the final one, truncated
+    with pytest.warns(UserWarning, match="previous checkpoint"), pytest.raises(RunFolderError, match="iteration 2.*iteration 4"):
+        load_run(out)
