@@ -132,7 +132,11 @@ class DeepLabV3Plus(nn.Module):
         x = self.fuse(torch.cat([x, self.reduce_low(low)], dim=1))
         if stochastic:
             x = F.dropout2d(x, self.mc_dropout, training=True)
-        return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
+        # Logits leave the model in fp32 even under bf16 autocast: softmax, selection, losses
+        # and argmax would otherwise work on probabilities quantised to 8 mantissa bits.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.classifier(x.float())
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: Tensor, need_fp: bool = False, stochastic: bool = False):
         """Logits (B, K, H, W). need_fp: also the logits of the same features under

@@ -80,9 +80,12 @@ class Selector:
         self._check_context(context)
         if probs.dtype != torch.float32:
             probs = probs.float()
-        moments = class_moments(probs)
-        self._check_values(moments, valid)
-        return self._select(probs, valid, moments, **context)
+        # Selection is fp32 whatever autocast region the caller is in (a bf16 matmul or
+        # reduction would quantise confidences near the thresholds).
+        with torch.autocast(probs.device.type, enabled=False):
+            moments = class_moments(probs)
+            self._check_values(moments, valid)
+            return self._select(probs, valid, moments, **context)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
