@@ -1,9 +1,11 @@
-"""Selector speed, as ratios to a bare one-read threshold timed in the same process.
+"""Selector speed, as ratios to two references timed in the same process.
 
-Absolute milliseconds depend on the machine; the ratio to `(probs.max(1).values >= 0.95)
-& valid` on the same tensors, in the same process, is what carries between machines. The
-per-image SVD loop (the straightforward way to write CSL's split) is timed as a second
-reference for CSL.
+Absolute milliseconds depend on the machine; ratios on the same tensors, in the same
+process, are what carries between machines. Two references: the naive threshold
+`(probs.max(1).values >= 0.95) & valid` (what a training loop would write; on the CPU its
+argmax makes it compute-bound) and one plain read of the probabilities (`probs.sum()`,
+the floor any selector that looks at every probability must pay). The per-image SVD loop
+(the straightforward way to write CSL's split) is timed as a third reference for CSL.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 from bench.selection import available_selectors, build_context, get_selector
 
 BARE = "bare threshold"
+READ = "one read (probs.sum())"
 SVD_LOOP = "csl (per-image SVD loop)"
 DEFAULT_SHAPES = ((8, 21, 128, 128), (16, 21, 256, 256))
 
@@ -34,6 +37,7 @@ class KernelTiming:
     median_ms: float
     mpixel_per_s: float
     ratio_to_bare: float
+    ratio_to_read: float
     gb_per_s: float  # probabilities read once per call, per second
     repeats: int
 
@@ -71,6 +75,11 @@ def available_context(probs: Tensor, progress: float = 0.5) -> dict:
 def bare_threshold(probs: Tensor, valid: Tensor) -> Tensor:
     """The reference every ratio divides by: one read of the probabilities."""
     return (probs.max(1).values >= 0.95) & valid
+
+
+def one_read(probs: Tensor) -> Tensor:
+    """The physical floor: every probability read once, nothing else."""
+    return probs.sum()
 
 
 def svd_loop_csl(probs: Tensor, valid: Tensor, alpha: float = 2.0, eps: float = 1e-8) -> Tensor:
@@ -142,7 +151,7 @@ def time_kernels(
         b, k, h, w = shape
         pixels = b * h * w
         read_bytes = probs.numel() * probs.element_size()
-        kernels: list[tuple[str, Callable[[], object]]] = [(BARE, lambda: bare_threshold(probs, valid))]
+        kernels: list[tuple[str, Callable[[], object]]] = [(BARE, lambda: bare_threshold(probs, valid)), (READ, lambda: one_read(probs))]
         for name in names:
             sel = get_selector(name, num_classes=k, **(params or {}).get(name, {}))
             ctx = build_context(sel, available_context(probs))
@@ -153,6 +162,7 @@ def time_kernels(
             progress(f"{len(kernels)} kernels at {'x'.join(map(str, shape))} on {device}")
         times = _interleaved_times(kernels, dev, min_repeats, budget_s * len(kernels))
         bare_ms = statistics.median(times[BARE]) * 1e3
+        read_ms = statistics.median(times[READ]) * 1e3
         for kernel, _ in kernels:
             median_ms = statistics.median(times[kernel]) * 1e3
             rows.append(
@@ -163,6 +173,7 @@ def time_kernels(
                     median_ms=median_ms,
                     mpixel_per_s=pixels / median_ms / 1e3,
                     ratio_to_bare=median_ms / bare_ms,
+                    ratio_to_read=median_ms / read_ms,
                     gb_per_s=read_bytes / median_ms / 1e6,
                     repeats=len(times[kernel]),
                 )
@@ -172,9 +183,9 @@ def time_kernels(
 
 
 def format_table(rows: list[KernelTiming]) -> str:
-    header = ("selector", "device", "shape", "median ms", "Mpixel/s", "x bare", "GB/s")
+    header = ("selector", "device", "shape", "median ms", "Mpixel/s", "x bare", "x one read", "GB/s")
     body = [
-        (r.kernel, r.device, r.shape, f"{r.median_ms:.2f}", f"{r.mpixel_per_s:.1f}", f"{r.ratio_to_bare:.2f}", f"{r.gb_per_s:.1f}")
+        (r.kernel, r.device, r.shape, f"{r.median_ms:.2f}", f"{r.mpixel_per_s:.1f}", f"{r.ratio_to_bare:.2f}", f"{r.ratio_to_read:.2f}", f"{r.gb_per_s:.1f}")
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]

@@ -276,7 +276,7 @@ class Trainer:
     def _loaders(self):
         cfg = self.config
         scale = (cfg.scale_min, cfg.scale_max)
-        args = dict(iters=cfg.iters, seed=cfg.seed, start=self.start_iter, workers=cfg.workers)
+        args = dict(iters=cfg.iters, seed=cfg.seed, start=self.start_iter, workers=cfg.workers, pin_memory=self.device.type == "cuda")
         lab = LabeledSet(self.source, self.split.labeled, cfg.crop, scale, cfg.seed)
         loaders = [iteration_loader(lab, cfg.batch_size, stream=1, **args)]
         if self.framework.semi_supervised:

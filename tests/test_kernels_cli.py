@@ -16,7 +16,7 @@ def test_kernels_command_prints_and_writes_the_table(tmp_path, capsys):
     assert "| selector" in printed and "x bare" in printed
     data = json.loads(out.read_text())
     rows = {r["kernel"]: r for r in data["timings"]}
-    assert set(rows) == {"bare threshold", "csl (per-image SVD loop)", *available_selectors()}
+    assert set(rows) == {"bare threshold", "one read (probs.sum())", "csl (per-image SVD loop)", *available_selectors()}
     assert len({r["repeats"] for r in rows.values()}) == 1  # round-robin: every kernel as often
     for r in rows.values():  # units: 2*16*16 pixels, 2*5*16*16 float32 values read per call
         assert r["mpixel_per_s"] * r["median_ms"] * 1e3 == pytest.approx(512)
@@ -40,11 +40,12 @@ class FakeClock:
 
 
 def test_medians_and_ratios_against_a_fake_clock(monkeypatch):
-    """Kernels that take 1 ms (bare) and 3 ms / 1.5 ms with one 100 ms outlier: the table
-    must give the medians and their ratios, whatever the outlier."""
+    """Kernels that take 1 ms (bare), 0.5 ms (one read) and 3 ms / 1.5 ms with one 100 ms
+    outlier: the table must give the medians and their ratios, whatever the outlier."""
     clock = FakeClock()
     monkeypatch.setattr(kernels, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     monkeypatch.setattr(kernels, "bare_threshold", lambda probs, valid: setattr(clock, "now", clock.now + 1e-3))
+    monkeypatch.setattr(kernels, "one_read", lambda probs: setattr(clock, "now", clock.now + 0.5e-3))
     calls = {"slow": 0}
 
     class Fake:
@@ -62,7 +63,8 @@ def test_medians_and_ratios_against_a_fake_clock(monkeypatch):
     rows = {r.kernel: r for r in kernels.time_kernels([(1, 2, 4, 4)], selectors=["a", "b"], min_repeats=7, budget_s=0.0, include_svd_loop=False)}
     assert rows["bare threshold"].median_ms == pytest.approx(1.0)
     assert rows["a"].median_ms == pytest.approx(3.0) and rows["a"].ratio_to_bare == pytest.approx(3.0)
-    assert rows["b"].ratio_to_bare == pytest.approx(1.5)
+    assert rows["b"].ratio_to_bare == pytest.approx(1.5) and rows["b"].ratio_to_read == pytest.approx(3.0)
+    assert rows["a"].ratio_to_read == pytest.approx(6.0)
     assert {r.repeats for r in rows.values()} == {7}
 
 

@@ -102,9 +102,10 @@ class EvalSet(Dataset):
         return {"image": T.normalize(image), "mask": mask}
 
 
-def iteration_loader(dataset: Dataset, batch: int, iters: int, seed: int, stream: int, start: int, workers: int) -> DataLoader:
+def iteration_loader(dataset: Dataset, batch: int, iters: int, seed: int, stream: int, start: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """`pin_memory` (for CUDA) lets the copy to the device overlap with compute."""
     sampler = IterationSampler(len(dataset), batch, iters, seed, stream, start)
     # The loader draws a worker base seed when it starts; its own generator keeps that draw
     # off the global RNG, which a resumed run restores from its checkpoint.
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, generator=generator)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, generator=generator, pin_memory=pin_memory)
