@@ -41,7 +41,7 @@ from bench.records import (
     read_record_or_none,
     write_record,
 )
-from bench.selection import check_selector
+from bench.selection import available_selectors, check_selector
 from bench.suggest import did_you_mean
 
 PROTOCOLS = ("synthetic", "classic", "blended", "u2pl", "cityscapes", "coco", "camvid", "ablation")
@@ -146,6 +146,25 @@ def _check_keys(data: dict, cls, where: str) -> None:
             raise SweepError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
 
 
+EVERY_SELECTOR = "every_selector"
+
+
+def _expand_methods(methods: Any, path: Path) -> list[dict[str, Any]]:
+    """The methods as listed, with the entry `every_selector` replaced by one method per
+    registered selector (named after it) that the file does not list itself: a new selector,
+    built in or from a plugin, enters the sweep without editing the file."""
+    if not isinstance(methods, list) or not all((isinstance(m, dict) and "name" in m) or m == EVERY_SELECTOR for m in methods):
+        raise SweepError(f"{path}: methods must be a list of mappings, each with a 'name' (or the entry '{EVERY_SELECTOR}')")
+    listed = {m["name"] for m in methods if isinstance(m, dict)}
+    out = []
+    for m in methods:
+        if m == EVERY_SELECTOR:
+            out += [{"name": n, "selector": n} for n in available_selectors() if n not in listed]
+        else:
+            out.append(m)
+    return out
+
+
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     data = read_yaml_mapping(path, SweepError, "sweep file")
@@ -166,9 +185,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"{path}: grid '{key}' must be a non-empty list")
-    methods = data["methods"]
-    if not isinstance(methods, list) or not all(isinstance(m, dict) and "name" in m for m in methods):
-        raise SweepError(f"{path}: methods must be a list of mappings, each with a 'name'")
+    methods = _expand_methods(data["methods"], path)
     names = [m["name"] for m in methods]
     if len(set(names)) != len(names):
         raise SweepError(f"{path}: method names must be unique, got {names}")

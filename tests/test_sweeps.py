@@ -65,6 +65,21 @@ def test_default_sweep_has_every_selector_and_one_budget():
     assert {c.protocol for c in configs} == {"synthetic"}
 
 
+def test_a_new_selector_enters_the_default_sweep_without_editing_it(monkeypatch):
+    import bench.selection as selection
+
+    class Newcomer(selection.Selector):
+        def _select(self, probs, valid, moments, **context):
+            return selection.hard_selection(moments.label, moments.confidence > 0.5, valid)
+
+    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    selection.register_selector("newcomer")(Newcomer)
+    sweep = load_sweep(SWEEPS / "default.yaml")
+    assert [t.label for t in sweep.trials() if t.method == "newcomer"] == ["newcomer-seed=0", "newcomer-seed=1", "newcomer-seed=2"]
+    names = [m["name"] for m in sweep.methods]
+    assert names.count("csl") == 1 and names[0] == "supervised" and names[-1] == "csl+mask"
+
+
 def test_expansion_and_named_settings(tmp_path):
     text = TINY.replace("grid:\n  seed: [0, 1]", 'grid:\n  setting:\n    - {split: "92", iters: 7}\n    - {split: "183", iters: 9}\n  seed: [0, 1]')
     sweep = load_sweep(write(tmp_path, text))
