@@ -62,7 +62,7 @@ class NextClass(selection.Selector):
 
 @pytest.fixture
 def test_selectors(monkeypatch):
-    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
     selection.register_selector("least-confident")(LeastConfident)
     selection.register_selector("next-class")(NextClass)
 

@@ -227,7 +227,7 @@ def install_plugin(tmp_path, monkeypatch, module, source, entry):
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(f"[cslbench.selectors]\n{entry}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
     monkeypatch.setattr(selection, "_loaded", False)
     monkeypatch.delitem(sys.modules, module, raising=False)
 

@@ -72,7 +72,7 @@ def test_a_new_selector_enters_the_default_sweep_without_editing_it(monkeypatch)
         def _select(self, probs, valid, moments, **context):
             return selection.hard_selection(moments.label, moments.confidence > 0.5, valid)
 
-    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
     selection.register_selector("newcomer")(Newcomer)
     sweep = load_sweep(SWEEPS / "default.yaml")
     assert [t.label for t in sweep.trials() if t.method == "newcomer"] == ["newcomer-seed=0", "newcomer-seed=1", "newcomer-seed=2"]

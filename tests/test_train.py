@@ -108,7 +108,7 @@ class Spy(selection.Selector):
 
 
 def test_selectors_never_receive_unlabeled_ground_truth(tmp_path, monkeypatch):
-    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
     selection.register_selector("spy")(Spy)
     Spy.seen = []
     trainer = Trainer(tiny(tmp_path, "selector=spy", "iters=3", "eval_every=3", "log_every=3"), show_progress=False)
