@@ -88,4 +88,6 @@ def _class_moments_cpu(probs: Tensor) -> ClassMoments:
         torch.mul(not_max, num_classes, out=candidate).add_(k)
         torch.minimum(label, candidate, out=label)
     ties = n_below.neg_().add_(num_classes)
-    return ClassMoments(confidence, label.long(), ties, below_sum, below_sq)
+    # A NaN row equals no C and would keep the sentinel K: clamp it to a real class, so a
+    # diverged step fails in the value checks rather than as an index error in a loss.
+    return ClassMoments(confidence, label.clamp_(max=num_classes - 1).long(), ties, below_sum, below_sq)

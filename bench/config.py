@@ -31,7 +31,9 @@ GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0, "protocol": "classic"}
 # Keys that say where or how loudly a run works, not what it computes: left out of the hash.
 # `init_from` is a location too: the run it names enters the hash as `init_from_hash`, so a
 # storage folder can be moved and still resumed.
-NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "init_from")
+# `deterministic` changes how reproducible a CUDA run is, not what it computes: a run may be
+# resumed with it switched, and adding it left every earlier config hash as it was.
+NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "init_from", "deterministic")
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -86,6 +88,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    deterministic: bool = False  # deterministic torch/cuDNN/cuBLAS kernels (slower on CUDA)
     # output
     out: str = "runs/default"
     checkpoint_every: int = 250

@@ -83,38 +83,45 @@ class SelectionQualityMeter:
     selectors, within about 1/auroc_bins for soft ones.
     """
 
-    def __init__(self, num_classes: int, auroc_bins: int = 4096):
+    def __init__(self, num_classes: int, auroc_bins: int = 4096, device: torch.device | str = "cpu"):
         if num_classes < 2:
             raise ValueError(f"SelectionQualityMeter: num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
         self.auroc_bins = auroc_bins
+        self.device = torch.device(device)  # where the counts live: update() never reads them on the host
         self.reset()
 
     def reset(self) -> None:
         k = self.num_classes
-        self.counts = torch.zeros(4, dtype=torch.float64)  # labelled, selected, correct, sel&correct
-        self.weight_sums = torch.zeros(2, dtype=torch.float64)  # sum w, sum w*correct
-        self.class_labelled = torch.zeros(k, dtype=torch.int64)
-        self.class_selected = torch.zeros(k, dtype=torch.int64)
-        self.confusion = torch.zeros(k, k, dtype=torch.int64)  # selected pixels only
-        self.hist = torch.zeros(2, self.auroc_bins, dtype=torch.int64)  # incorrect, correct
+
+        def zeros(*size, dtype=torch.int64):
+            return torch.zeros(size, dtype=dtype, device=self.device)
+
+        self.counts = zeros(4, dtype=torch.float64)  # labelled, selected, correct, sel&correct
+        self.weight_sums = zeros(2, dtype=torch.float64)  # sum w, sum w*correct
+        self.class_labelled = zeros(k)
+        self.class_selected = zeros(k)
+        self.confusion = zeros(k, k)  # selected pixels only
+        self.hist = zeros(2, self.auroc_bins)  # incorrect, correct
 
     _STATE = ("counts", "weight_sums", "class_labelled", "class_selected", "confusion", "hist")
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {k: getattr(self, k).clone() for k in self._STATE}
+        """The counts, on the CPU (a checkpoint's or a log step's copy)."""
+        return {k: getattr(self, k).cpu().clone() for k in self._STATE}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for k in self._STATE:
             if tuple(state[k].shape) != tuple(getattr(self, k).shape):
                 raise ValueError(f"SelectionQualityMeter: state '{k}' has shape {tuple(state[k].shape)}, expected {tuple(getattr(self, k).shape)}")
-            setattr(self, k, state[k].clone())
+            setattr(self, k, state[k].to(self.device, copy=True))
 
     def since(self, earlier: dict[str, Tensor]) -> dict:
         """compute() over only what was added after `earlier` (a state_dict of this meter):
         interval statistics without a second meter updated on every batch."""
         delta = SelectionQualityMeter(self.num_classes, self.auroc_bins)
-        delta.load_state_dict({k: getattr(self, k) - earlier[k] for k in self._STATE})
+        now = self.state_dict()
+        delta.load_state_dict({k: now[k] - earlier[k] for k in self._STATE})
         return delta.compute()
 
     def update(self, selection: Selection, gt: Tensor, ignore_index: int = IGNORE, valid: Tensor | None = None) -> None:
@@ -130,22 +137,18 @@ class SelectionQualityMeter:
         correct = (selection.label == gt) & labelled
         selected = selection.reliable & labelled
         w = selection.weight.double() * labelled
-        self.counts += torch.stack(
-            [labelled.sum(), selected.sum(), correct.sum(), (selected & correct).sum()]
-        ).double().cpu()
-        self.weight_sums += torch.stack([w.sum(), (w * correct).sum()]).cpu()
+        self.counts += torch.stack([labelled.sum(), selected.sum(), correct.sum(), (selected & correct).sum()]).double()
+        self.weight_sums += torch.stack([w.sum(), (w * correct).sum()])
 
-        gt_safe = torch.where(labelled, gt, k)
-        self.class_labelled += torch.bincount(gt_safe.flatten(), minlength=k + 1)[:k].cpu()
-        gt_sel = torch.where(selected, gt, k)
-        self.class_selected += torch.bincount(gt_sel.flatten(), minlength=k + 1)[:k].cpu()
+        self.class_labelled += _count(torch.where(labelled, gt, k), k)
+        self.class_selected += _count(torch.where(selected, gt, k), k)
         pair = torch.where(selected, gt * k + selection.label.clamp(0, k - 1), k * k)
-        self.confusion += torch.bincount(pair.flatten(), minlength=k * k + 1)[:-1].view(k, k).cpu()
+        self.confusion += _count(pair, k * k).view(k, k)
 
         nb = self.auroc_bins
         bins = (selection.weight.double().clamp(0, 1) * (nb - 1)).round().long()
         slot = torch.where(labelled, correct.long() * nb + bins, 2 * nb)
-        self.hist += torch.bincount(slot.flatten(), minlength=2 * nb + 1)[:-1].view(2, nb).cpu()
+        self.hist += _count(slot, 2 * nb).view(2, nb)
 
     def compute(self) -> dict:
         n_lab, n_sel, n_cor, n_sel_cor = self.counts.tolist()
@@ -174,6 +177,16 @@ class SelectionQualityMeter:
             "per_class_coverage": per_class.tolist(),
             "pixels": int(n_lab),
         }
+
+
+def _count(index: Tensor, n: int) -> Tensor:
+    """How often each of 0..n-1 occurs in `index` (values >= n are dropped). Unlike
+    bincount, whose output size comes from max(index) read on the host on a GPU, the size
+    here is fixed, so counting never waits for the device."""
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=index.device)
+    flat = index.flatten().clamp(max=n)
+    counts.index_add_(0, flat, counts.new_ones(()).expand(flat.numel()))
+    return counts[:n]
 
 
 def auroc_from_histograms(positive: Tensor, negative: Tensor) -> float:

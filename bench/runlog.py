@@ -2,7 +2,8 @@
 
 The loop adds to it (step losses, evaluations, selection-quality updates, time) and reads
 curve points and the cost summary from it; `state_dict()` / `load_state_dict()` carry every
-field, so a resumed run continues the same curves, meters and clocks.
+field, so a resumed run continues the same curves, meters and clocks. Step losses stay on
+the device (summed, with the first non-finite step remembered) until a log step reads them.
 """
 
 from __future__ import annotations
@@ -24,23 +25,39 @@ class RunLog:
     meter: SelectionQualityMeter | None  # selection quality over all of training (semi-supervised runs)
     meter_at_log: dict | None = None  # the meter's state at the last log step
     curves: list[dict] = field(default_factory=list)
-    pending_losses: dict[str, float] = field(default_factory=dict)  # sums since the last log step
+    pending_losses: dict = field(default_factory=dict)  # sums since the last log step (device tensors between log steps)
     pending_steps: int = 0
     pending_eval: dict = field(default_factory=dict)  # an evaluation not yet in the curves
     last_eval: dict | None = None
     best_val: tuple[float, int] = (math.nan, -1)  # (mIoU, iteration)
     cost: dict = field(default_factory=lambda: {"wall_s": 0.0, "selector_s": 0.0, "extra_forward_passes": 0})
     _mark: float = field(default=0.0, repr=False)  # wall-clock start of the time not yet counted
+    _first_bad: tuple | None = field(default=None, repr=False)  # (iteration, losses) of the first non-finite step, on the device
 
     def __post_init__(self):
         if self.meter is not None and self.meter_at_log is None:
             self.meter_at_log = self.meter.state_dict()
 
     # -- updates ------------------------------------------------------------------------
-    def add_step(self, losses: dict[str, float]) -> None:
-        for k, v in losses.items():
+    def add_step(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        """Add one step's losses without reading them on the host."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        for k, v in zip(losses, values):
             self.pending_losses[k] = self.pending_losses.get(k, 0.0) + v
+        if self._first_bad is None:
+            self._first_bad = (torch.full((), -1, dtype=torch.int64, device=values.device), torch.zeros_like(values), list(losses))
+        first, at_first, names = self._first_bad
+        new = ~torch.isfinite(values).all() & (first < 0)
+        self._first_bad = (torch.where(new, done, first), torch.where(new, values, at_first), names)
         self.pending_steps += 1
+
+    def first_nonfinite_loss(self) -> tuple[int, dict[str, float]] | None:
+        """(iteration, the losses then) of the first step whose loss was NaN or infinite."""
+        if self._first_bad is None:
+            return None
+        first, values, names = self._first_bad
+        iteration = int(first)
+        return (iteration, dict(zip(names, values.tolist()))) if iteration >= 0 else None
 
     def add_eval(self, result: dict, done: int) -> None:
         self.last_eval = result
@@ -52,7 +69,7 @@ class RunLog:
         """Close the interval since the last log step: mean losses, the selection quality
         of that interval, and an evaluation made in it (at the iteration it was made)."""
         point = {"iter": done, "lr": lr}
-        point.update({k: v / max(self.pending_steps, 1) for k, v in self.pending_losses.items()})
+        point.update({k: float(v) / max(self.pending_steps, 1) for k, v in self.pending_losses.items()})
         if self.meter is not None:
             q = self.meter.since(self.meter_at_log)
             point.update(sel_precision=q["precision"], sel_recall=q["recall"], sel_coverage=q["coverage"], sel_weighted_precision=q["weighted_precision"])
@@ -103,8 +120,9 @@ class RunLog:
 
     # -- checkpoint ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_") and f.name != "meter"}
+        state = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_") and f.name not in ("meter", "pending_losses")}
         state["meter"] = self.meter.state_dict() if self.meter is not None else None
+        state["pending_losses"] = {k: float(v) for k, v in self.pending_losses.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -1,4 +1,4 @@
-"""Process-level settings for CPU runs.
+"""Process-level settings: memory reuse for CPU runs, deterministic kernels.
 
 glibc hands large freed blocks back to the OS, so the next tensor of that size faults in
 fresh pages; on a virtual machine each fault costs microseconds, and for a selector on a
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -36,3 +39,27 @@ def keep_freed_memory() -> bool:
             except (OSError, AttributeError):  # not glibc (musl has no mallopt)
                 _applied = False
     return _applied
+
+
+# PyTorch's marker for an op without a deterministic kernel (warned with warn_only=True).
+NONDETERMINISTIC_MARK = "does not have a deterministic implementation"
+
+
+def use_deterministic_kernels(enabled: bool) -> dict:
+    """Ask torch, cuDNN and cuBLAS for deterministic kernels, or leave the fast defaults.
+
+    Ops that have no deterministic CUDA kernel (e.g. the backward of bilinear upsampling)
+    then warn rather than stop the run; the trainer records which ones ran, so a record
+    says how far its bits can be trusted to repeat. cuBLAS reads its workspace setting when
+    the process first uses it, so it is set here, before the first CUDA matmul.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+    return {
+        "enabled": enabled,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }

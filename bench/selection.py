@@ -13,6 +13,8 @@ registry.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -155,17 +157,84 @@ class Selector:
 
     def _check_values(self, moments: ClassMoments, valid: Tensor) -> None:
         # NaN or -Inf anywhere along the class axis makes the sum of squares below the
-        # max non-finite; +Inf or NaN as the max makes C non-finite. One host sync for
-        # both checks; the diagnosis runs only on the error path.
-        finite = torch.isfinite(moments.below_sq + moments.confidence)
+        # max non-finite; +Inf or NaN as the max makes C non-finite.
+        nonfinite = ~torch.isfinite(moments.below_sq + moments.confidence)
         deviation = (moments.total - 1.0).abs().masked_fill_(~valid, 0.0)
-        if bool(((deviation > _SUM_TOLERANCE) | ~finite).any()):
-            if not bool(finite.all()):
+        checks = _DEFERRED_CHECKS.get()
+        if checks is not None:  # a training step: nothing read on the host here
+            checks.note(self.name, nonfinite.any(), "probs contains NaN or Inf", diverged=True)
+            checks.note(self.name, (deviation > _SUM_TOLERANCE).any(), _NOT_PROBABILITIES)
+            return
+        # One host read for both checks; the diagnosis runs only on the error path.
+        if bool(((deviation > _SUM_TOLERANCE) | nonfinite).any()):
+            if bool(nonfinite.any()):
                 raise self._error("probs contains NaN or Inf")
-            raise self._error(
-                "probs must be probabilities that sum to 1 over the class axis at valid "
-                f"pixels (largest deviation {float(deviation.max()):.3g}); apply softmax to logits first"
-            )
+            raise self._error(f"{_NOT_PROBABILITIES} (largest deviation {float(deviation.max()):.3g})")
+
+    def _check(self, bad: Tensor, message: str, diverged: bool = False) -> None:
+        """Raise `message` if the 0-dim bool `bad` is true: now, or (inside
+        `deferred_value_checks`) when the caller reads the checks."""
+        checks = _DEFERRED_CHECKS.get()
+        if checks is not None:
+            checks.note(self.name, bad, message, diverged)
+        elif bool(bad):
+            raise self._error(message)
+
+
+_NOT_PROBABILITIES = "probs must be probabilities that sum to 1 over the class axis at valid pixels; apply softmax to logits first"
+
+
+@dataclass(frozen=True)
+class CheckFailure:
+    selector: str
+    message: str
+    iteration: int  # the first iteration at which it failed
+    diverged: bool  # the model's output stopped being finite (rather than a misuse)
+
+
+class DeferredChecks:
+    """Value checks of `select` kept on the device and read when the caller chooses.
+
+    Checking that probabilities are finite and sum to 1 needs a host read of the answer;
+    on a GPU that is a synchronisation in every step. Inside `deferred_value_checks(checks)`
+    each check instead records, on the device, the first `checks.iteration` at which it
+    failed; the training loop reads them at its log steps (before any evaluation or
+    checkpoint), so an error still names the iteration where it happened.
+    """
+
+    def __init__(self):
+        self.iteration = 0
+        self._first: dict[tuple[str, str, bool], Tensor] = {}
+
+    def note(self, selector: str, bad: Tensor, message: str, diverged: bool = False) -> None:
+        key = (selector, message, diverged)
+        first = self._first.get(key)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.int64, device=bad.device)
+        self._first[key] = torch.where(bad & (first < 0), self.iteration, first)
+
+    def failures(self) -> list[CheckFailure]:
+        """Every check that failed so far, earliest first (one host read)."""
+        if not self._first:
+            return []
+        keys = list(self._first)
+        firsts = torch.stack([self._first[k] for k in keys]).tolist()
+        found = [CheckFailure(s, m, i, d) for (s, m, d), i in zip(keys, firsts) if i >= 0]
+        return sorted(found, key=lambda f: f.iteration)
+
+
+_DEFERRED_CHECKS: contextvars.ContextVar[DeferredChecks | None] = contextvars.ContextVar("deferred_checks", default=None)
+
+
+@contextlib.contextmanager
+def deferred_value_checks(checks: DeferredChecks):
+    """Selectors called in the block record their value checks in `checks` instead of
+    reading them on the host (see DeferredChecks)."""
+    token = _DEFERRED_CHECKS.set(checks)
+    try:
+        yield checks
+    finally:
+        _DEFERRED_CHECKS.reset(token)
 
 
 def build_context(selector: Selector, available: Mapping[str, Any]) -> dict[str, Any]:

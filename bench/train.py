@@ -45,7 +45,8 @@ from bench.records import (
     write_record,
 )
 from bench.runlog import RunLog
-from bench.selection import Selection, Selector, build_context, get_selector
+from bench.runtime import use_deterministic_kernels
+from bench.selection import DeferredChecks, Selection, Selector, build_context, deferred_value_checks, get_selector
 from bench.tracking import Tracker, start_tracking
 
 BEST_VAL_NOTE = "best validation mIoU over all evaluations: model selection on val, not a held-out result"
@@ -61,6 +62,10 @@ class RunExistsError(ResumeError):
 
 class DivergedError(RuntimeError):
     """The loss stopped being a number: training on would only produce noise."""
+
+    def __init__(self, message: str, iteration: int):
+        super().__init__(message)
+        self.iteration = iteration
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,29 +136,36 @@ def update_ema(ema, model, steps: int, momentum: float) -> None:
 
 
 class MeasuredSelector:
-    """The selector as a step calls it: the context it declares, an extra-pass count, a
-    guard against a diverged model, and its time (the only part of the step timed)."""
+    """The selector as a step calls it: the context it declares, an extra-pass count, and
+    its time (the only part of the step timed). On CUDA the time is taken with events and
+    read at log steps, so measuring it adds no synchronisation to the step."""
 
     def __init__(self, selector: Selector, log: RunLog, device: torch.device):
         self.selector, self.log, self.device = selector, log, device
-        self.iteration = 0  # the loop's current step, for error messages
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def __call__(self, probs: Tensor, valid: Tensor, **available) -> Selection:
-        if not torch.isfinite(probs).all():  # weights went non-finite on the last step
-            raise DivergedError(f"model output is NaN or infinite at iteration {self.iteration + 1}: training diverged (try a lower lr)")
         context = build_context(self.selector, available)
         if "mc_logits" in context:  # the passes that ran, not the ones asked for
             self.log.cost["extra_forward_passes"] += context["mc_logits"].shape[0]
-        self._sync()
-        start = time.perf_counter()
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            selection = self.selector.select(probs, valid, **context)
+            self.log.cost["selector_s"] += time.perf_counter() - start
+            return selection
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         selection = self.selector.select(probs, valid, **context)
-        self._sync()
-        self.log.cost["selector_s"] += time.perf_counter() - start
+        end.record()
+        self._events.append((start, end))
         return selection
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def charge(self) -> None:
+        """Add the GPU time of the selections since the last call (waits for them)."""
+        for start, end in self._events:
+            end.synchronize()
+            self.log.cost["selector_s"] += start.elapsed_time(end) / 1e3
+        self._events.clear()
 
 
 class Trainer:
@@ -170,6 +182,7 @@ class Trainer:
         self.on_log = on_log  # called with each logged point (Ray Tune reports through it)
         self.framework = FRAMEWORKS[cfg.framework]
 
+        self.determinism = use_deterministic_kernels(cfg.deterministic)  # before the first CUDA op
         torch.manual_seed(cfg.seed)
         self.source = get_source(cfg.dataset, cfg.root)
         self.num_classes = self.source.num_classes
@@ -184,8 +197,9 @@ class Trainer:
         if semi and not self.split.unlabeled:
             raise ValueError(f"framework={cfg.framework} needs unlabeled images, but split {self.split.origin} has none")
         self.selector = get_selector(cfg.selector, num_classes=self.num_classes, **cfg.selector_params) if semi else None
-        self.log = RunLog(SelectionQualityMeter(self.num_classes) if semi else None)
+        self.log = RunLog(SelectionQualityMeter(self.num_classes, device=self.device) if semi else None)
         self.select = MeasuredSelector(self.selector, self.log, self.device) if semi else None
+        self.checks = DeferredChecks()
         self.start_iter = 0
         self.record = self._new_record()
         if resume:
@@ -221,33 +235,33 @@ class Trainer:
             streams = [iter(loader) for loader in self._loaders()]
             log.start_clock()
             for t in range(self.start_iter, cfg.iters):
-                if self.select is not None:
-                    self.select.iteration = t
+                loaded = [next(s) for s in streams]
                 lr = poly_lr(self.optimizer, cfg, t)
-                batch, gt = split_truth(*(_to(next(s), self.device) for s in streams))  # truth kept apart
-                out = self.train_step(t, batch)
-                if out.selection is not None:
-                    log.meter.update(out.selection, gt, ignore_index=IGNORE, valid=out.valid)
+                self.iteration(t, loaded)
                 done = t + 1
-                log.add_step(self._finite_losses(out, done))
                 evaluated = done % cfg.eval_every == 0 or done == cfg.iters
+                logged = evaluated or done % cfg.log_every == 0
+                checkpointed = done % cfg.checkpoint_every == 0 and done < cfg.iters
+                if logged or checkpointed:
+                    self._read_step_results()  # the only host reads of the steps since the last
                 if evaluated:
                     with log.untimed():
                         log.add_eval(self.validate(), done)
-                if evaluated or done % cfg.log_every == 0:  # val_miou at the iteration it was measured
+                if logged:  # val_miou at the iteration it was measured
                     log.charge_time()
                     self._log(done, lr)
                     losses = {k.removeprefix("loss_") or k: f"{v:.3f}" for k, v in log.curves[-1].items() if k.startswith("loss")}
                     bar.set_postfix(**losses, val_miou=f"{log.last_val:.3f}")
-                if done % cfg.checkpoint_every == 0 and done < cfg.iters:
+                if checkpointed:
                     with log.untimed():
                         self._checkpoint(done)
                 bar.update(1)
+            self._read_step_results()
             log.charge_time()
             self._finish()
             failed = False
         except BaseException as exc:
-            self.record.update(status="failed", error=failure(exc, t + 1), updated=_now())
+            self.record.update(status="failed", error=failure(exc, getattr(exc, "iteration", t + 1)), updated=_now())
             self.record["traceback"] = traceback.format_exc(limit=-8)
             write_record(self.out, self.record)
             raise
@@ -256,14 +270,38 @@ class Trainer:
             self.tracker.finish(failed=failed)
         return read_record(self.out)  # the file is the source of truth (NaN stored as null)
 
-    @staticmethod
-    def _finite_losses(out: StepOut, done: int) -> dict[str, float]:
-        losses = {"loss": out.loss.item(), **{k: v.item() for k, v in out.parts.items()}}
-        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-        if bad:
+    def iteration(self, t: int, loaded: list[dict]) -> None:
+        """Training step t on the device: no host read, so on a GPU the CPU queues the next
+        step while this one runs. Checks and numbers are read by `_read_step_results`."""
+        batch, gt = split_truth(*(_to(b, self.device) for b in loaded))  # truth kept apart
+        self.checks.iteration = t + 1
+        with deferred_value_checks(self.checks):
+            out = self.train_step(t, batch)
+        if out.selection is not None:
+            self.log.meter.update(out.selection, gt, ignore_index=IGNORE, valid=out.valid)
+        self.log.add_step(t + 1, {"loss": out.loss, **out.parts})
+
+    def _read_step_results(self) -> None:
+        """Read what the steps left on the device: a diverged or misused step stops the run
+        here, before its weights are evaluated or checkpointed, naming its iteration."""
+        if self.select is not None:
+            self.select.charge()
+        problems = []
+        bad_loss = self.log.first_nonfinite_loss()
+        if bad_loss is not None:
+            done, losses = bad_loss
+            bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
             shown = ", ".join(f"{k}={'NaN' if math.isnan(v) else v}" for k, v in bad.items())
-            raise DivergedError(f"loss is {'NaN' if any(map(math.isnan, bad.values())) else 'infinite'} at iteration {done} ({shown})")
-        return losses
+            kind = "NaN" if any(map(math.isnan, bad.values())) else "infinite"
+            problems.append((done, 1, DivergedError(f"loss is {kind} at iteration {done} ({shown})", done)))
+        for f in self.checks.failures():
+            if f.diverged:
+                message = f"model output is NaN or infinite at iteration {f.iteration}: training diverged (try a lower lr)"
+                problems.append((f.iteration, 0, DivergedError(message, f.iteration)))
+            else:
+                problems.append((f.iteration, 2, ValueError(f"selector '{f.selector}': {f.message} (at iteration {f.iteration})")))
+        if problems:
+            raise min(problems, key=lambda p: p[:2])[2]
 
     # ------------------------------------------------------------------------------------
     # Data, evaluation
@@ -356,6 +394,7 @@ class Trainer:
             "git_sha": git_sha(),
             "versions": library_versions(),
             "device": f"cuda: {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else f"cpu: {torch.get_num_threads()} threads",
+            "determinism": self.determinism,
             "started": _now(),
             "updated": _now(),
             "iteration": 0,

@@ -19,25 +19,29 @@ from bench.labels import IGNORE
 from bench.selection import Selector, hard_selection, register_selector
 
 
-def gaussian_crossing(mu_a: float, var_a: float, mu_b: float, var_b: float) -> float:
-    """Where the densities N(mu_a, var_a) and N(mu_b, var_b) are equal, between the means."""
+def gaussian_crossing(mu_a, var_a, mu_b, var_b) -> torch.Tensor:
+    """Where the densities N(mu_a, var_a) and N(mu_b, var_b) are equal, between the means.
+
+    Float64 tensor algebra with every branch taken by `torch.where`, so the threshold is
+    updated on the device without a host read."""
+    mu_a, var_a, mu_b, var_b = (torch.as_tensor(v, dtype=torch.float64) for v in (mu_a, var_a, mu_b, var_b))
     midpoint = 0.5 * (mu_a + mu_b)
-    var_a, var_b = max(var_a, 1e-12), max(var_b, 1e-12)
+    var_a, var_b = var_a.clamp(min=1e-12), var_b.clamp(min=1e-12)
     # (x-mu_a)^2/(2 var_a) - (x-mu_b)^2/(2 var_b) + 0.5 log(var_a/var_b) = 0
     qa = 0.5 / var_a - 0.5 / var_b
     qb = mu_b / var_b - mu_a / var_a
-    qc = 0.5 * mu_a**2 / var_a - 0.5 * mu_b**2 / var_b + 0.5 * math.log(var_a / var_b)
-    if abs(qa) < 1e-12 * (abs(qb) + abs(qc) + 1e-30):
-        return -qc / qb if abs(qb) > 1e-30 else midpoint
+    qc = 0.5 * mu_a**2 / var_a - 0.5 * mu_b**2 / var_b + 0.5 * torch.log(var_a / var_b)
+    linear = qa.abs() < 1e-12 * (qb.abs() + qc.abs() + 1e-30)
+    linear_root = torch.where(qb.abs() > 1e-30, -qc / qb, midpoint)
     disc = qb * qb - 4 * qa * qc
-    if disc < 0:
-        return midpoint
-    root = math.sqrt(disc)
-    roots = [(-qb + root) / (2 * qa), (-qb - root) / (2 * qa)]
-    lo, hi = min(mu_a, mu_b), max(mu_a, mu_b)
-    between = [r for r in roots if lo <= r <= hi]
-    candidates = between or roots
-    return min(candidates, key=lambda r: abs(r - midpoint))
+    root = disc.clamp(min=0).sqrt()
+    r1, r2 = (-qb + root) / (2 * qa), (-qb - root) / (2 * qa)
+    lo, hi = torch.minimum(mu_a, mu_b), torch.maximum(mu_a, mu_b)
+    in1, in2 = (lo <= r1) & (r1 <= hi), (lo <= r2) & (r2 <= hi)
+    # the root between the means; if both or neither are, the one nearer the midpoint
+    take_first = (in1 & ~in2) | ((in1 == in2) & ((r1 - midpoint).abs() <= (r2 - midpoint).abs()))
+    quadratic = torch.where(disc < 0, midpoint, torch.where(take_first, r1, r2))
+    return torch.where(linear, linear_root, quadratic)
 
 
 @register_selector("daw")
@@ -56,7 +60,7 @@ class DistributionAwareThreshold(Selector):
         # (mean, variance) of C for correct and for incorrect labeled predictions; NaN = unseen.
         self.correct = torch.tensor([math.nan, math.nan], dtype=torch.float64)
         self.incorrect = torch.tensor([math.nan, math.nan], dtype=torch.float64)
-        self.tau = self.tau_start
+        self.tau = torch.tensor(self.tau_start, dtype=torch.float64)
 
     def _select(self, probs, valid, moments, labeled_probs=None, labeled_target=None, **context):
         if (labeled_probs is None) != (labeled_target is None):
@@ -80,29 +84,29 @@ class DistributionAwareThreshold(Selector):
         conf, pred = labeled.confidence, labeled.label
         known = (labeled_target >= 0) & (labeled_target < self.num_classes)
         known &= labeled_target != self.ignore_index
-        right = (pred == labeled_target) & known
-        wrong = (pred != labeled_target) & known
-        self.correct = self._ema(self.correct, conf[right])
-        self.incorrect = self._ema(self.incorrect, conf[wrong])
-        if not (torch.isnan(self.correct).any() or torch.isnan(self.incorrect).any()):
-            crossing = gaussian_crossing(*self.correct.tolist(), *self.incorrect.tolist())
-            self.tau = min(max(crossing, 1.0 / self.num_classes), 1.0)
+        self.correct = self._ema(self.correct, conf, (pred == labeled_target) & known)
+        self.incorrect = self._ema(self.incorrect, conf, (pred != labeled_target) & known)
+        fitted = ~(self.correct.isnan().any() | self.incorrect.isnan().any())
+        crossing = gaussian_crossing(*self.correct.unbind(), *self.incorrect.unbind())
+        self.tau = torch.where(fitted, crossing.clamp(1.0 / self.num_classes, 1.0), self.tau)
 
-    def _ema(self, stats: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        if values.numel() == 0:
-            return stats
-        values = values.double()
-        var = values.var(correction=1) if values.numel() > 1 else values.new_tensor(0.0)
-        batch = torch.stack([values.mean(), var]).cpu()
-        if torch.isnan(stats).any():
-            return batch
-        return self.momentum * stats + (1 - self.momentum) * batch
+    def _ema(self, stats: torch.Tensor, conf: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """EMA of (mean, unbiased variance) of `conf` over `members`; unchanged when there
+        are none, the batch's own statistics when there were none before."""
+        stats = stats.to(conf.device)
+        n = members.sum(dtype=torch.float64)
+        values = conf.double()
+        mean = torch.where(members, values, 0.0).sum() / n.clamp(min=1)
+        var = torch.where(members, (values - mean).square(), 0.0).sum() / (n - 1).clamp(min=1)
+        batch = torch.stack([mean, var])
+        updated = torch.where(stats.isnan(), batch, self.momentum * stats + (1 - self.momentum) * batch)
+        return torch.where(n > 0, updated, stats)
 
     def state_dict(self):
-        return {"correct": self.correct.clone(), "incorrect": self.incorrect.clone(), "tau": self.tau}
+        return {"correct": self.correct.cpu().clone(), "incorrect": self.incorrect.cpu().clone(), "tau": float(self.tau)}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.correct = state["correct"].double().clone()
         self.incorrect = state["incorrect"].double().clone()
-        self.tau = float(state["tau"])
+        self.tau = torch.tensor(float(state["tau"]), dtype=torch.float64)

@@ -46,9 +46,11 @@ class FlexibleThreshold(Selector):
 
         confident = (moments.confidence >= self.tau) & valid
         label = moments.label.masked_fill(~confident, self.num_classes)  # K = unused
-        label = label.masked_fill(~valid, self.num_classes + 1)  # dropped by the bincount cut
-        counts = torch.bincount(label.flatten(), minlength=self.num_classes + 2)
-        self.history[self.step % self.window] = counts[: self.num_classes + 1].double()
+        label = label.masked_fill(~valid, self.num_classes + 1)  # counted in a slot then dropped
+        # index_add_ rather than bincount, which reads max(label) on the host on a GPU
+        counts = torch.zeros(self.num_classes + 2, dtype=torch.float64, device=label.device)
+        counts.index_add_(0, label.flatten(), counts.new_ones(()).expand(label.numel()))
+        self.history[self.step % self.window] = counts[: self.num_classes + 1]
         self.step += 1
         return selection
 

@@ -17,16 +17,6 @@ import torch
 from bench.selection import Selector, hard_selection, register_selector
 
 
-def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """q-th percentile (0..100) of a 1-D tensor with linear interpolation (numpy default)."""
-    n = values.numel()
-    rank = (n - 1) * q / 100.0
-    lo, hi = math.floor(rank), math.ceil(rank)
-    v_lo = torch.kthvalue(values, lo + 1).values
-    v_hi = v_lo if hi == lo else torch.kthvalue(values, hi + 1).values
-    return v_lo + (v_hi - v_lo) * (rank - lo)
-
-
 @register_selector("u2pl")
 class EntropyPercentile(Selector):
     context_keys = ("progress",)
@@ -45,8 +35,7 @@ class EntropyPercentile(Selector):
     def _select(self, probs, valid, moments, progress: float = 0.0, **context):
         q = self.keep_percentile(float(progress))
         entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(dim=1)
-        valid_entropy = entropy[valid]
-        if valid_entropy.numel() == 0:
-            return hard_selection(moments.label, valid, valid)
-        threshold = percentile(valid_entropy, q)
+        # nanquantile over the valid pixels interpolates as numpy.percentile does, without
+        # learning their number on the host (x[valid] would); no valid pixel: NaN, none kept
+        threshold = torch.nanquantile(entropy.masked_fill(~valid, math.nan).flatten(), q / 100.0)
         return hard_selection(moments.label, entropy <= threshold, valid)

@@ -61,8 +61,7 @@ class UncertaintyAware(Selector):
             )
         if mc_logits.shape[0] < 2:
             raise self._error(f"mc_logits needs T >= 2 passes, got T={mc_logits.shape[0]}")
-        if not bool(torch.isfinite(mc_logits).all()):
-            raise self._error("mc_logits contains NaN or Inf")
+        self._check(~torch.isfinite(mc_logits).all(), "mc_logits contains NaN or Inf", diverged=True)
         logits = mc_logits.float()
         std, mean = _std_mean_over_passes(logits.softmax(dim=2))
         conf, label = mean.max(dim=1)

@@ -175,7 +175,7 @@ def test_ups_needs_mc_logits():
     [(0.9, 0.01, 0.6, 0.02), (0.95, 0.001, 0.7, 0.05), (0.8, 0.02, 0.5, 0.02), (0.99, 1e-4, 0.4, 0.03)],
 )
 def test_daw_crossing_is_where_the_densities_meet(mu_a, var_a, mu_b, var_b):
-    x = gaussian_crossing(mu_a, var_a, mu_b, var_b)
+    x = float(gaussian_crossing(mu_a, var_a, mu_b, var_b))
 
     def log_pdf(x, mu, var):
         return -0.5 * math.log(2 * math.pi * var) - (x - mu) ** 2 / (2 * var)
@@ -198,8 +198,8 @@ def test_daw_threshold_follows_labeled_statistics():
     C, pred = lp.max(1)
     known = target != 255
     right, wrong = C[(pred == target) & known].double(), C[(pred != target) & known].double()
-    expected = gaussian_crossing(right.mean().item(), right.var().item(), wrong.mean().item(), wrong.var().item())
-    assert sel.tau == pytest.approx(min(max(expected, 1 / K), 1.0), abs=1e-9)
+    expected = float(gaussian_crossing(right.mean().item(), right.var().item(), wrong.mean().item(), wrong.var().item()))
+    assert float(sel.tau) == pytest.approx(min(max(expected, 1 / K), 1.0), abs=1e-9)
     out = sel.select(probs, valid)
     assert torch.equal(out.reliable, (probs.max(1).values >= sel.tau) & valid)
 
