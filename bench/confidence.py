@@ -12,10 +12,17 @@ near 1e-7, the size of the rounding error of the sum).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from bench.compiled import kernel_mode, maybe_compiled, should_compile
+
+
+def triton_can_run(probs: Tensor) -> bool:
+    return probs.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -46,20 +53,27 @@ class ClassMoments:
 
 def class_moments(probs: Tensor) -> ClassMoments:
     """Max, argmax and the sums of the non-max probabilities of (B, K, H, W) probs."""
-    if probs.device.type == "cpu":
+    if kernel_mode() == "triton" and triton_can_run(probs):
+        from bench.triton_moments import triton_class_moments
+
+        return triton_class_moments(probs)
+    if probs.device.type == "cpu" and not should_compile(probs):
         return _class_moments_cpu(probs)
-    # On accelerators one reduction kernel per statistic runs at memory speed, while a
-    # loop over classes would launch ~6K small kernels.
-    confidence, label = probs.max(dim=1)
-    is_max = probs == confidence.unsqueeze(1)
-    below = probs.masked_fill(is_max, 0.0)
-    return ClassMoments(
-        confidence=confidence,
-        label=label,
-        ties=is_max.sum(dim=1, dtype=confidence.dtype),
-        below_sum=below.sum(dim=1),
-        below_sq=(below * below).sum(dim=1),
-    )
+    return ClassMoments(*_reduced_moments(probs))
+
+
+@maybe_compiled
+def _reduced_moments(probs: Tensor) -> tuple[Tensor, ...]:
+    # One reduction per statistic: on a GPU each runs at memory speed (a loop over classes
+    # would launch ~6K small kernels); compiled, they fuse into a few passes.
+    k = probs.shape[1]
+    confidence = probs.amax(dim=1, keepdim=True)
+    is_max = probs == confidence
+    index = torch.arange(k, device=probs.device).view(1, k, 1, 1)
+    label = torch.where(is_max, index, k).amin(dim=1).clamp_(max=k - 1)  # first max; NaN rows: K-1
+    below = torch.where(is_max, 0.0, probs)
+    ties = is_max.sum(dim=1, dtype=probs.dtype)
+    return confidence.squeeze(1), label, ties, below.sum(dim=1), (below * below).sum(dim=1)
 
 
 def _class_moments_cpu(probs: Tensor) -> ClassMoments:

@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor
 
+from bench.compiled import maybe_compiled
 from bench.confidence import ClassMoments, class_moments
 from bench.suggest import did_you_mean
 
@@ -86,7 +87,7 @@ class Selector:
         # reduction would quantise confidences near the thresholds).
         with torch.autocast(probs.device.type, enabled=False):
             moments = class_moments(probs)
-            self._check_values(moments, valid)
+            self._check_values(moments, valid, probs)
             return self._select(probs, valid, moments, **context)
 
     def state_dict(self) -> dict[str, Any]:
@@ -155,21 +156,21 @@ class Selector:
         if missing:
             raise self._error(f"needs context {missing} (pass it as keyword arguments to select)")
 
-    def _check_values(self, moments: ClassMoments, valid: Tensor) -> None:
+    def _check_values(self, moments: ClassMoments, valid: Tensor, probs: Tensor) -> None:
         # NaN or -Inf anywhere along the class axis makes the sum of squares below the
         # max non-finite; +Inf or NaN as the max makes C non-finite.
-        nonfinite = ~torch.isfinite(moments.below_sq + moments.confidence)
-        deviation = (moments.total - 1.0).abs().masked_fill_(~valid, 0.0)
+        nonfinite, deviation = value_problems.for_input(probs)(moments, valid)
         checks = _DEFERRED_CHECKS.get()
         if checks is not None:  # a training step: nothing read on the host here
-            checks.note(self.name, nonfinite.any(), "probs contains NaN or Inf", diverged=True)
-            checks.note(self.name, (deviation > _SUM_TOLERANCE).any(), _NOT_PROBABILITIES)
+            checks.note(self.name, nonfinite, "probs contains NaN or Inf", diverged=True)
+            checks.note(self.name, deviation > _SUM_TOLERANCE, _NOT_PROBABILITIES)
             return
         # One host read for both checks; the diagnosis runs only on the error path.
-        if bool(((deviation > _SUM_TOLERANCE) | nonfinite).any()):
-            if bool(nonfinite.any()):
-                raise self._error("probs contains NaN or Inf")
-            raise self._error(f"{_NOT_PROBABILITIES} (largest deviation {float(deviation.max()):.3g})")
+        problems = torch.stack([nonfinite.float(), deviation]).tolist()
+        if problems[0]:
+            raise self._error("probs contains NaN or Inf")
+        if problems[1] > _SUM_TOLERANCE:
+            raise self._error(f"{_NOT_PROBABILITIES} (largest deviation {problems[1]:.3g})")
 
     def _check(self, bad: Tensor, message: str, diverged: bool = False) -> None:
         """Raise `message` if the 0-dim bool `bad` is true: now, or (inside
@@ -179,6 +180,14 @@ class Selector:
             checks.note(self.name, bad, message, diverged)
         elif bool(bad):
             raise self._error(message)
+
+
+@maybe_compiled
+def value_problems(moments: ClassMoments, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(any probability NaN or infinite, largest |sum - 1| at a valid pixel), both 0-dim."""
+    nonfinite = ~torch.isfinite(moments.below_sq + moments.confidence)
+    deviation = (moments.total - 1.0).abs().masked_fill(~valid, 0.0)
+    return nonfinite.any(), deviation.amax() if deviation.numel() else deviation.sum()
 
 
 _NOT_PROBABILITIES = "probs must be probabilities that sum to 1 over the class axis at valid pixels; apply softmax to logits first"

@@ -8,7 +8,7 @@ rule) is the reliable one; pixels more confident or less spread than its mean ge
 
 from __future__ import annotations
 
-
+from bench.compiled import maybe_compiled
 from bench.selection import Selection, Selector, register_selector
 from csl.features import FEATURES, VARIANCES, confidence_features
 from csl.split import PICKS, cluster_stats, gaussian_weights, reliable_cluster, spectral_split
@@ -48,18 +48,24 @@ class ConfidenceSeparable(Selector):
         self.lam, self.alpha, self.eps, self.g_alpha = float(lam), float(alpha), float(eps), float(g_alpha)
 
     def _select(self, probs, valid, moments, **context):
-        f1, f2 = confidence_features(
-            moments, self.num_classes, self.features, self.variance, self.g_alpha, self.eps
-        )
-        flat_valid = valid.flatten(1)
-        x1 = f1.flatten(1).masked_fill(~flat_valid, 0.0)
-        x2 = f2.flatten(1).masked_fill(~flat_valid, 0.0)
-        second = spectral_split(x1, x2)
-        stats = cluster_stats(x1, x2, flat_valid, second)
-        r = reliable_cluster(stats, self.pick, self.lam, self.eps)
-        index = r.view(-1, 1, 1).expand(-1, 1, 2)
-        mean = stats.mean.gather(1, index).squeeze(1)  # (B, 2 features)
-        var = stats.var.gather(1, index).squeeze(1)
-        weight = gaussian_weights(x1, x2, flat_valid, mean, var, self.alpha, self.eps)
-        weight = weight.view_as(moments.confidence)
+        options = (self.num_classes, self.features, self.variance, self.pick, self.lam, self.alpha, self.eps, self.g_alpha)
+        weight = csl_weight.for_input(probs)(moments, valid, *options)
         return Selection(label=moments.label, weight=weight, reliable=weight == 1.0)
+
+
+@maybe_compiled
+def csl_weight(moments, valid, num_classes, features, variance, pick, lam, alpha, eps, g_alpha):
+    """CSL's weight map (B, H, W) from the class moments: features, per-image split,
+    reliable cluster, Gaussian weights. Pure tensor code, so it compiles into a few passes."""
+    f1, f2 = confidence_features(moments, num_classes, features, variance, g_alpha, eps)
+    flat_valid = valid.flatten(1)
+    x1 = f1.flatten(1).masked_fill(~flat_valid, 0.0)
+    x2 = f2.flatten(1).masked_fill(~flat_valid, 0.0)
+    second = spectral_split(x1, x2)
+    stats = cluster_stats(x1, x2, flat_valid, second)
+    r = reliable_cluster(stats, pick, lam, eps)
+    index = r.view(-1, 1, 1).expand(-1, 1, 2)
+    mean = stats.mean.gather(1, index).squeeze(1)  # (B, 2 features)
+    var = stats.var.gather(1, index).squeeze(1)
+    weight = gaussian_weights(x1, x2, flat_valid, mean, var, alpha, eps)
+    return weight.view_as(moments.confidence)
