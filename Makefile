@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256s
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo selector-demo test test-slow bench kernels venv clean
+.PHONY: demo selector-demo test test-slow bench kernels gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,12 @@ bench: venv
 
 kernels: venv
 	$(VENV)/bin/cslbench kernels --threads 2 --json runs/kernels.json
+
+# On a CUDA machine: the CUDA tests, the kernel table at the recipe's shapes and the
+# training-step throughput, in about 8 minutes (runs/gpu-check.json and .md). Without CUDA
+# it runs the CPU-side parts and says so.
+gpu-check: venv
+	$(VENV)/bin/python -m bench.gpu_check --out runs/gpu-check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks runs

@@ -34,6 +34,9 @@ GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0, "protocol": "classic"}
 # `deterministic` changes how reproducible a CUDA run is, not what it computes: a run may be
 # resumed with it switched, and adding it left every earlier config hash as it was.
 NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "init_from", "deterministic")
+# Keys added after runs were stored: at their default they stay out of the hash, so the
+# hashes (and resumes) of those runs still hold.
+HASHED_UNLESS_DEFAULT = {"replicas": 1}
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -88,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    replicas: int = 1  # data-parallel workers (GPUs) per run, through Ray Train; batch_size is per worker
     deterministic: bool = False  # deterministic torch/cuDNN/cuBLAS kernels (slower on CUDA)
     # output
     out: str = "runs/default"
@@ -107,7 +111,7 @@ class TrainConfig:
         for key, options in choices.items():
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(options)}")
-        positive = ("crop", "batch_size", "iters", "eval_every", "checkpoint_every", "log_every", "labeled", "head_channels")
+        positive = ("crop", "batch_size", "iters", "eval_every", "checkpoint_every", "log_every", "labeled", "head_channels", "replicas")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -170,7 +174,7 @@ def read_yaml_mapping(path, error: type[Exception], what: str) -> dict:
 def result_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The keys that decide what a run computes. The device enters as its type (cuda:1 and
     cuda compute the same; cpu and cuda do not: CUDA runs in bf16)."""
-    data = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    data = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
     if isinstance(data.get("device"), str):
         data["device"] = data["device"].split(":")[0]
     return data

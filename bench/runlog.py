@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from bench.distributed import Replicas
 from bench.metrics import SelectionQualityMeter
 
 
@@ -32,6 +33,7 @@ class RunLog:
     best_val: tuple[float, int] = (math.nan, -1)  # (mIoU, iteration)
     cost: dict = field(default_factory=lambda: {"wall_s": 0.0, "selector_s": 0.0, "extra_forward_passes": 0})
     _mark: float = field(default=0.0, repr=False)  # wall-clock start of the time not yet counted
+    _replicas: Replicas = field(default_factory=Replicas, repr=False)  # data-parallel workers whose counts add up
     _first_bad: tuple | None = field(default=None, repr=False)  # (iteration, losses) of the first non-finite step, on the device
 
     def __post_init__(self):
@@ -41,7 +43,7 @@ class RunLog:
     # -- updates ------------------------------------------------------------------------
     def add_step(self, done: int, losses: dict[str, torch.Tensor]) -> None:
         """Add one step's losses without reading them on the host."""
-        values = torch.stack([v.detach().float() for v in losses.values()])
+        values = torch.stack([v.detach().double() for v in losses.values()])  # summed as the floats they were
         for k, v in zip(losses, values):
             self.pending_losses[k] = self.pending_losses.get(k, 0.0) + v
         if self._first_bad is None:
@@ -69,15 +71,33 @@ class RunLog:
         """Close the interval since the last log step: mean losses, the selection quality
         of that interval, and an evaluation made in it (at the iteration it was made)."""
         point = {"iter": done, "lr": lr}
-        point.update({k: float(v) / max(self.pending_steps, 1) for k, v in self.pending_losses.items()})
+        steps = max(self.pending_steps, 1) * self._replicas.world
+        point.update({k: v / steps for k, v in self._summed_losses().items()})
         if self.meter is not None:
-            q = self.meter.since(self.meter_at_log)
+            meter = self.global_meter()
+            q = meter.since(self.meter_at_log)
             point.update(sel_precision=q["precision"], sel_recall=q["recall"], sel_coverage=q["coverage"], sel_weighted_precision=q["weighted_precision"])
-            self.meter_at_log = self.meter.state_dict()
+            self.meter_at_log = meter.state_dict()
         point.update(self.pending_eval)
         self.pending_eval, self.pending_losses, self.pending_steps = {}, {}, 0
         self.curves.append(point)
         return point
+
+    def global_meter(self) -> SelectionQualityMeter | None:
+        """The selection meter summed over the data-parallel workers (this one when alone)."""
+        if self.meter is None or self._replicas.world == 1:
+            return self.meter
+        total = SelectionQualityMeter(self.meter.num_classes, self.meter.auroc_bins)
+        total.load_state_dict({k: self._replicas.sum(v) for k, v in self.meter.state_dict().items()})
+        return total
+
+    def _summed_losses(self) -> dict[str, float]:
+        """The pending loss sums, added over the workers (one host read)."""
+        if not self.pending_losses:
+            return {}
+        names = list(self.pending_losses)
+        local = torch.stack([torch.as_tensor(self.pending_losses[k], dtype=torch.float64).cpu() for k in names])
+        return dict(zip(names, self._replicas.sum(local).tolist()))
 
     @property
     def last_val(self) -> float:
@@ -121,8 +141,10 @@ class RunLog:
     # -- checkpoint ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_") and f.name not in ("meter", "pending_losses")}
-        state["meter"] = self.meter.state_dict() if self.meter is not None else None
-        state["pending_losses"] = {k: float(v) for k, v in self.pending_losses.items()}
+        # Counts summed over the workers: each worker resumes from them, rank 0 keeping them
+        # and the others starting from zero, so the sums stay those of the global batch.
+        state["meter"] = self.global_meter().state_dict() if self.meter is not None else None
+        state["pending_losses"] = self._summed_losses()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -136,3 +158,7 @@ class RunLog:
         self.best_val = tuple(self.best_val)
         if self.meter is not None:
             self.meter.load_state_dict(state["meter"])
+        if not self._replicas.is_main:
+            self.pending_losses = {}
+            if self.meter is not None:
+                self.meter.reset()

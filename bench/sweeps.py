@@ -360,6 +360,15 @@ def _trainable(params: dict, search: dict | None = None) -> None:
         if "val_miou" in point:  # report at evaluations: what schedulers compare
             tune.report({k: v for k, v in point.items() if isinstance(v, (int, float))} | {"iter": step})
 
+    if config.replicas > 1:  # a trial bigger than one GPU: its own Ray Train workers
+        from bench.distributed import train_data_parallel
+
+        try:
+            train_data_parallel(config, resume=True)
+        except BaseException as exc:
+            write_failed_record(Path(config.out), config.to_dict(), exc)
+            raise
+        return
     try:
         trainer = Trainer(config, resume=True, show_progress=False, on_log=report)
     except BaseException as exc:  # before the trainer could write its own record

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bench.config import TrainConfig
 from bench.data.loaders import MIX, UNLABELED, EvalSet, LabeledSet, UnlabeledSet, iteration_loader
 from bench.data.sources import get_source
+from bench.distributed import RANK_SEED_STRIDE, Replicas
 from bench.data.splits import load_split
 from bench.evaluate import confidence_probe, evaluate
 from bench.frameworks import FRAMEWORKS, Batch, StepOut, UnlabeledView
@@ -172,7 +174,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, tracker: Tracker | None = None, show_progress: bool = True, on_log=None):
         cfg = self.config = config.validate()
         self.out = Path(cfg.out)
-        if not resume and any((self.out / name).exists() for name in (RECORD, CHECKPOINT, PREVIOUS_CHECKPOINT)):
+        self.replicas = Replicas.current()
+        if cfg.replicas != self.replicas.world:
+            raise ValueError(
+                f"replicas={cfg.replicas} but this process is one of {self.replicas.world} workers; "
+                "data-parallel runs start through bench.distributed.train_data_parallel (cslbench train replicas=N)"
+            )
+        if not resume and self.replicas.is_main and any((self.out / name).exists() for name in (RECORD, CHECKPOINT, PREVIOUS_CHECKPOINT)):
             status = (read_record_or_none(self.out) or {}).get("status", "no readable record")
             raise RunExistsError(f"{self.out} already holds a run ({status}); continue it with --resume, or pass out=<another folder>")
         self.device = resolve_device(cfg.device)
@@ -193,17 +201,21 @@ class Trainer:
             self.model.load_state_dict(weights)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_teacher else None
         self.optimizer = build_optimizer(self.model, cfg)
+        # What the step calls: the model itself, or its DistributedDataParallel wrapper
+        self.net = DistributedDataParallel(self.model) if self.replicas.world > 1 else self.model
         semi = self.framework.semi_supervised
         if semi and not self.split.unlabeled:
             raise ValueError(f"framework={cfg.framework} needs unlabeled images, but split {self.split.origin} has none")
         self.selector = get_selector(cfg.selector, num_classes=self.num_classes, **cfg.selector_params) if semi else None
-        self.log = RunLog(SelectionQualityMeter(self.num_classes, device=self.device) if semi else None)
+        self.log = RunLog(SelectionQualityMeter(self.num_classes, device=self.device) if semi else None, _replicas=self.replicas)
         self.select = MeasuredSelector(self.selector, self.log, self.device) if semi else None
         self.checks = DeferredChecks()
         self.start_iter = 0
         self.record = self._new_record()
         if resume:
             self._resume()
+        if not self.replicas.is_main:
+            tracker = Tracker()  # one W&B run per run: rank 0's
         self.tracker = tracker if tracker is not None else start_tracking(
             self.record["config"], self.out.name, self.out, cfg.wandb_project, cfg.wandb_group, cfg.wandb_mode,
             run_id=self.record.get("wandb_id"),
@@ -213,7 +225,7 @@ class Trainer:
 
     def train_step(self, t: int, batch: Batch) -> StepOut:
         with self.autocast():
-            out = self.framework.step(self.model, self.ema, self.select, batch, self.config, t)
+            out = self.framework.step(self.net, self.ema, self.select, batch, self.config, t)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
@@ -227,7 +239,7 @@ class Trainer:
             print(f"{self.out}: already complete; nothing to do")
             return self.record
         self.record["status"] = "running"
-        write_record(self.out, self.record)
+        self._write_record()
         self.model.train()
         bar = tqdm(total=cfg.iters, initial=self.start_iter, desc=self.out.name, unit="it", disable=not self.show_progress, dynamic_ncols=True)
         t, failed = self.start_iter, True
@@ -263,7 +275,7 @@ class Trainer:
         except BaseException as exc:
             self.record.update(status="failed", error=failure(exc, getattr(exc, "iteration", t + 1)), updated=_now())
             self.record["traceback"] = traceback.format_exc(limit=-8)
-            write_record(self.out, self.record)
+            self._write_record()
             raise
         finally:
             bar.close()
@@ -314,7 +326,8 @@ class Trainer:
     def _loaders(self):
         cfg = self.config
         scale = (cfg.scale_min, cfg.scale_max)
-        args = dict(iters=cfg.iters, seed=cfg.seed, start=self.start_iter, workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        seed = cfg.seed + RANK_SEED_STRIDE * self.replicas.rank  # each worker its own batches
+        args = dict(iters=cfg.iters, seed=seed, start=self.start_iter, workers=cfg.workers, pin_memory=self.device.type == "cuda")
         lab = LabeledSet(self.source, self.split.labeled, cfg.crop, scale, cfg.seed)
         loaders = [iteration_loader(lab, cfg.batch_size, stream=1, **args)]
         if self.framework.semi_supervised:
@@ -350,7 +363,7 @@ class Trainer:
     def _log(self, done: int, lr: float) -> None:
         point = self.log.log_point(done, lr)
         self.record.update(status="running", iteration=done, curves=self.log.curves, updated=_now(), cost=self.log.cost_summary(done, self.device))
-        write_record(self.out, self.record)
+        self._write_record()
         self.tracker.log(point, step=done)
         if self.on_log is not None:
             self.on_log(point, done)
@@ -371,11 +384,11 @@ class Trainer:
                 "pixel_accuracy": final["pixel_accuracy"],
                 "unlabeled_probe": self.probe_unlabeled(),
             },
-            selection=log.meter.compute() if log.meter is not None else None,
+            selection=log.global_meter().compute() if log.meter is not None else None,
             cost=log.cost_summary(cfg.iters, self.device),
         )
         self._checkpoint(cfg.iters)  # durable before the record says complete
-        write_record(self.out, self.record)
+        self._write_record()
         self.tracker.summary({"final_miou": final["miou"], "miou_best_val": log.best_val[0], **{f"selection_{k}": v for k, v in (self.record["selection"] or {}).items()}})
 
     def _new_record(self) -> dict:
@@ -404,8 +417,12 @@ class Trainer:
             "cost": None,
         }
 
+    def _write_record(self) -> None:
+        if self.replicas.is_main:
+            write_record(self.out, self.record)
+
     def _checkpoint(self, done: int) -> None:
-        save_checkpoint(self.out, {
+        state = {
             "iteration": done,
             "config_hash": self.config.hash(),
             "model": self.model.state_dict(),
@@ -414,7 +431,9 @@ class Trainer:
             "selector": self.selector.state_dict() if self.selector is not None else None,
             "log": self.log.state_dict(),
             "rng": rng_state(),
-        })
+        }  # built on every worker (the run log sums their counts), written by rank 0
+        if self.replicas.is_main:
+            save_checkpoint(self.out, state)
 
     def _resume(self) -> None:
         """Continue from the checkpoint. A record without one (failed early, skipped, or
@@ -454,4 +473,9 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
+    """One run: in this process, or on `config.replicas` data-parallel Ray Train workers."""
+    if config.replicas > 1 and Replicas.current().world == 1:
+        from bench.distributed import train_data_parallel
+
+        return train_data_parallel(config, resume=resume)
     return Trainer(config, resume=resume, show_progress=show_progress).run()
