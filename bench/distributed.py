@@ -17,6 +17,7 @@ continues every worker from rank 0's selector state and random state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -54,11 +55,13 @@ class Replicas:
 
 def train_data_parallel(config, resume: bool = False, use_gpu: bool | None = None) -> dict:
     """Train `config` on `config.replicas` Ray Train workers; the run's record."""
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from bench.records import read_record
 
+    started_ray = not ray.is_initialized()  # fit() starts a local Ray; leave none behind
     if use_gpu is None:
         use_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     config.device = "cuda" if use_gpu else "cpu"
@@ -69,15 +72,18 @@ def train_data_parallel(config, resume: bool = False, use_gpu: bool | None = Non
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=f"ddp-{config.hash()}", storage_path=str(_ray_storage(config))),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
     if result.error is not None:
         raise result.error
     return read_record(config.out)
 
 
-def _ray_storage(config):
-    from pathlib import Path
-
+def _ray_storage(config) -> Path:
+    """Ray Train's own bookkeeping, beside the run folder (the run's files are our records)."""
     return Path(config.out).resolve().parent / ".ray-train"
 
 

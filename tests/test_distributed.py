@@ -28,6 +28,9 @@ def test_two_gloo_workers_train_one_run_and_sum_their_selection_counts(tmp_path,
     assert single["selection"]["pixels"] == 4 * (2 + 2) * 32 * 32
     assert [c["iter"] for c in on_disk["curves"]] == [2, 4] and all(c["loss"] == c["loss"] for c in on_disk["curves"])
     assert (tmp_path / "two" / "checkpoint.pt").is_file()
+    import ray
+
+    assert not ray.is_initialized()  # the local Ray it started is gone
 
 
 def test_replicas_need_the_data_parallel_launcher(tmp_path):

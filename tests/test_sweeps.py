@@ -49,7 +49,7 @@ def write(tmp_path, text):
 def test_every_shipped_sweep_file_is_valid(path):
     sweep = load_sweep(path)
     assert sweep.trials() and len({t.label for t in sweep.trials()}) == len(sweep.trials())
-    if sweep.search is None:  # benchmark sweeps: every cell is mean ± std over 3 seeds
+    if sweep.search is None and not sweep.name.endswith("smoke"):  # benchmarks: mean ± std over 3 seeds
         assert sweep.grid.get("seed") == [0, 1, 2]
 
 
