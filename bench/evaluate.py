@@ -69,7 +69,7 @@ def confidence_probe(model, loader, num_classes: int, device, autocast, limit: i
     to the selection-quality meter only."""
     was_training = model.training
     model.eval()
-    meter = SelectionQualityMeter(num_classes)
+    meter = SelectionQualityMeter(num_classes, device=device)
     seen = 0
     for batch in loader:
         if seen >= limit:

@@ -172,7 +172,8 @@ def cutmix(images: Tensor, source: Tensor, box: Tensor) -> Tensor:
 def masking_view(u: UnlabeledView, reliable: Tensor, cfg, t: int) -> Tensor:
     """CSL: hide reliable pixels inside random blocks of the images drawn for hiding (mild
     jitter); the others keep an ordinary strong view."""
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + t)
+    # drawn where the images are: a CPU draw copied to a GPU would make every step wait
+    g = torch.Generator(device=u.masked.device).manual_seed(cfg.seed * 1_000_003 + t)
     hidden = reliable_block_mask(reliable, cfg.mask_block, cfg.mask_ratio, generator=g)
     hidden &= u.hide.view(-1, 1, 1)
     return hide_pixels(u.masked, hidden)

@@ -146,13 +146,14 @@ class SelectionQualityMeter:
         self.confusion += _count(pair, k * k).view(k, k)
 
         nb = self.auroc_bins
-        bins = (selection.weight.double().clamp(0, 1) * (nb - 1)).round().long()
+        bins = (selection.weight.double().nan_to_num(0.0).clamp(0, 1) * (nb - 1)).round().long()  # NaN: a diverged step, reported by the checks
         slot = torch.where(labelled, correct.long() * nb + bins, 2 * nb)
         self.hist += _count(slot, 2 * nb).view(2, nb)
 
     def compute(self) -> dict:
-        n_lab, n_sel, n_cor, n_sel_cor = self.counts.tolist()
-        sum_w, sum_w_cor = self.weight_sums.tolist()
+        s = self.state_dict()  # on the CPU, wherever the counts live
+        n_lab, n_sel, n_cor, n_sel_cor = s["counts"].tolist()
+        sum_w, sum_w_cor = s["weight_sums"].tolist()
         precision = _safe_div(n_sel_cor, n_sel)
         recall = _safe_div(n_sel_cor, n_cor)
         f1 = (
@@ -161,8 +162,8 @@ class SelectionQualityMeter:
             else (0.0 if n_sel > 0 and n_cor > 0 else math.nan)
         )
         per_class = torch.where(
-            self.class_labelled > 0,
-            self.class_selected.double() / self.class_labelled.clamp(min=1),
+            s["class_labelled"] > 0,
+            s["class_selected"].double() / s["class_labelled"].clamp(min=1),
             torch.full((self.num_classes,), math.nan, dtype=torch.float64),
         )
         return {
@@ -171,8 +172,8 @@ class SelectionQualityMeter:
             "recall": recall,
             "weighted_precision": _safe_div(sum_w_cor, sum_w),
             "f1": f1,
-            "auroc": auroc_from_histograms(self.hist[1], self.hist[0]),
-            "pseudo_miou": nanmean(iou_from_confusion(self.confusion)),
+            "auroc": auroc_from_histograms(s["hist"][1], s["hist"][0]),
+            "pseudo_miou": nanmean(iou_from_confusion(s["confusion"])),
             "label_accuracy": _safe_div(n_cor, n_lab),
             "per_class_coverage": per_class.tolist(),
             "pixels": int(n_lab),
@@ -184,7 +185,7 @@ def _count(index: Tensor, n: int) -> Tensor:
     bincount, whose output size comes from max(index) read on the host on a GPU, the size
     here is fixed, so counting never waits for the device."""
     counts = torch.zeros(n + 1, dtype=torch.int64, device=index.device)
-    flat = index.flatten().clamp(max=n)
+    flat = index.flatten().clamp(0, n)
     counts.index_add_(0, flat, counts.new_ones(()).expand(flat.numel()))
     return counts[:n]
 

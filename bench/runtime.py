@@ -41,17 +41,15 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-# PyTorch's marker for an op without a deterministic kernel (warned with warn_only=True).
-NONDETERMINISTIC_MARK = "does not have a deterministic implementation"
-
 
 def use_deterministic_kernels(enabled: bool) -> dict:
     """Ask torch, cuDNN and cuBLAS for deterministic kernels, or leave the fast defaults.
 
     Ops that have no deterministic CUDA kernel (e.g. the backward of bilinear upsampling)
-    then warn rather than stop the run; the trainer records which ones ran, so a record
-    says how far its bits can be trusted to repeat. cuBLAS reads its workspace setting when
-    the process first uses it, so it is set here, before the first CUDA matmul.
+    then warn rather than stop the run, so even with it a CUDA run may differ in the last
+    bits. cuBLAS reads its workspace setting when the process first uses it: set here,
+    before the trainer's first CUDA matmul, it does nothing in a process that already used
+    cuBLAS (set CUBLAS_WORKSPACE_CONFIG in the environment there).
     """
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -70,6 +70,14 @@ class DivergedError(RuntimeError):
         self.iteration = iteration
 
 
+class SelectorInputError(ValueError):
+    """A selector was given what it cannot take (found by its deferred value checks)."""
+
+    def __init__(self, message: str, iteration: int):
+        super().__init__(message)
+        self.iteration = iteration
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,9 +281,13 @@ class Trainer:
             self._finish()
             failed = False
         except BaseException as exc:
-            self.record.update(status="failed", error=failure(exc, getattr(exc, "iteration", t + 1)), updated=_now())
+            cause = self._deferred_failure() if isinstance(exc, Exception) and self.replicas.world == 1 else None
+            reported = cause or exc
+            self.record.update(status="failed", error=failure(reported, getattr(reported, "iteration", t + 1)), updated=_now())
             self.record["traceback"] = traceback.format_exc(limit=-8)
             self._write_record()
+            if cause is not None:
+                raise cause from exc
             raise
         finally:
             bar.close()
@@ -311,9 +323,25 @@ class Trainer:
                 message = f"model output is NaN or infinite at iteration {f.iteration}: training diverged (try a lower lr)"
                 problems.append((f.iteration, 0, DivergedError(message, f.iteration)))
             else:
-                problems.append((f.iteration, 2, ValueError(f"selector '{f.selector}': {f.message} (at iteration {f.iteration})")))
+                problems.append((f.iteration, 2, SelectorInputError(f"selector '{f.selector}': {f.message} (at iteration {f.iteration})", f.iteration)))
+        # Data-parallel workers stop together: a worker left waiting in the next all_reduce
+        # for one that raised would wait for ever.
+        failed_workers = int(self.replicas.sum(torch.tensor([float(bool(problems))]))) if self.replicas.world > 1 else 0
         if problems:
             raise min(problems, key=lambda p: p[:2])[2]
+        if failed_workers:
+            raise RuntimeError(f"{failed_workers} other data-parallel worker(s) stopped (their error is in their log and the record)")
+
+    def _deferred_failure(self) -> BaseException | None:
+        """A divergence or misuse the device recorded before `exc` (a NaN step can make a
+        later op fail first): the cause worth reporting, or None."""
+        try:
+            self._read_step_results()
+        except (DivergedError, SelectorInputError) as found:
+            return found
+        except Exception:  # the device itself may be unusable after the failure
+            return None
+        return None
 
     # ------------------------------------------------------------------------------------
     # Data, evaluation

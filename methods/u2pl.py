@@ -37,5 +37,5 @@ class EntropyPercentile(Selector):
         entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(dim=1)
         # nanquantile over the valid pixels interpolates as numpy.percentile does, without
         # learning their number on the host (x[valid] would); no valid pixel: NaN, none kept
-        threshold = torch.nanquantile(entropy.masked_fill(~valid, math.nan).flatten(), q / 100.0)
+        threshold = torch.nanquantile(entropy.double().masked_fill(~valid, math.nan).flatten(), q / 100.0)  # float64: exact ranks
         return hard_selection(moments.label, entropy <= threshold, valid)

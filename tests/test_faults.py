@@ -63,7 +63,7 @@ def interrupted(out: Path, at: int, *extra) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("extra", [["framework=supervised"], ["selector=fixed"]], ids=["supervised", "unimatch"])
+@pytest.mark.parametrize("extra", [["framework=supervised"], ["selector=fixed"], ["selector=csl"], ["selector=softmatch"]], ids=["supervised", "unimatch", "csl", "softmatch"])
 def test_divergence_stops_the_run_as_failed_and_says_where(tmp_path, extra):
     cfg = config(tmp_path / "run", "iters=6", "lr=1e12", *extra)
     with pytest.raises(DivergedError, match=r"(loss is NaN|model output is NaN or infinite) at iteration \d"):
@@ -71,6 +71,20 @@ def test_divergence_stops_the_run_as_failed_and_says_where(tmp_path, extra):
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["status"] == "failed" and record["error"]["type"] == "DivergedError"
     assert 1 <= record["error"]["iteration"] < 6 and str(record["error"]["iteration"]) in record["error"]["message"]
+
+
+def test_a_selector_misuse_found_later_names_the_step_where_it_happened(tmp_path):
+    """Value checks run on the device and are read at log steps; the error still names the
+    step whose probabilities were wrong."""
+    from bench.train import SelectorInputError
+
+    trainer = Trainer(config(tmp_path / "run", "iters=6", "log_every=4", "eval_every=6", "selector=fixed"), show_progress=False)
+    select = trainer.selector.select
+    trainer.selector.select = lambda probs, valid, **context: select(probs * (3.0 if trainer.checks.iteration == 3 else 1.0), valid, **context)
+    with pytest.raises(SelectorInputError, match=r"selector 'fixed': probs must be probabilities that sum to 1.*\(at iteration 3\)"):
+        trainer.run()
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "failed" and record["error"]["iteration"] == 3 and record["error"]["type"] == "SelectorInputError"
 
 
 def test_a_failure_records_type_message_and_iteration(tmp_path):

@@ -126,19 +126,15 @@ def test_compiled_selectors_give_the_eager_results(monkeypatch):
     for name in available_selectors():
         monkeypatch.setenv("CSLBENCH_KERNELS", "eager")
         sel = get_selector(name, num_classes=5)
+        torch.manual_seed(0)  # UPS draws its passes: the same draws for both
         eager = sel.select(probs, valid, **build_context(sel, available_context(probs)))
         monkeypatch.setenv("CSLBENCH_KERNELS", "compile")
-        torch.manual_seed(0)  # UPS draws its passes
         sel = get_selector(name, num_classes=5)
         torch.manual_seed(0)
-        eager_again = get_selector(name, num_classes=5).select(probs, valid, **build_context(sel, available_context(probs)))
-        torch.manual_seed(0)
         fused = sel.select(probs, valid, **build_context(sel, available_context(probs)))
-        if name != "ups":
-            torch.testing.assert_close(fused.weight, eager.weight, atol=1e-5, rtol=0, msg=name)
-        torch.testing.assert_close(fused.weight, eager_again.weight, atol=1e-5, rtol=0, msg=name)
-        assert torch.equal(fused.label, eager_again.label), name
-        assert (fused.reliable != eager_again.reliable).sum() <= 1, name
+        torch.testing.assert_close(fused.weight, eager.weight, atol=1e-5, rtol=0, msg=name)
+        assert torch.equal(fused.label, eager.label), name
+        assert (fused.reliable != eager.reliable).sum() <= 1, name
     from bench.confidence import _reduced_moments as moments
     from csl.selector import csl_weight
 

@@ -239,6 +239,7 @@ def test_killed_real_data_sweep_resumes_without_losing_or_rerunning_trials(tmp_p
     assert "| csl (alpha=8.0) |" in resumed.stdout  # and the leaderboard is printed
 
 
+@pytest.mark.slow  # two whole sweeps (about 100 s on 2 cores): CI runs it with -m slow
 def test_a_failed_warm_start_skips_the_trials_that_need_it(tmp_path):
     text = TINY.replace("  wandb_mode: disabled", "  wandb_mode: disabled\n  lr: 1.0e+12") + "warm_start: {iters: 3}\n"
     run = subprocess.run(CLI + [str(write(tmp_path, text)), "--storage", str(tmp_path / "st")], env=ENV, capture_output=True, text=True, timeout=600)
