@@ -3,10 +3,15 @@
 Every complete `record.json` under a folder is a row. Rows are grouped by the protocol
 keys (dataset, protocol, backbone, budget, framework, normaliser); inside a group the
 methods are rows and the splits (or any config key given with `by`) are columns of
-mIoU mean ± std (n seeds). Selection quality and cost are averaged over the method's runs,
-and each method is compared with `fixed` by a paired t-test over the seeds both have.
-Supervised-only runs have no selector: they appear in every group with the same data,
-backbone and budget. Records that are running or failed are listed, never dropped.
+mIoU mean ± std (n seeds). Each method is compared with the reference method (`fixed`
+unless told) over the seeds both have: the paired difference with its 95% interval, the
+p-value Holm-adjusted across the methods of the table, the minimum detectable difference
+at 80% power, and a verdict (bench/statistics.py). A seed pairs only when both records
+used the same labelled split and the same warm start (their hashes are in the records).
+Selection quality and cost are averaged over the method's runs. Supervised-only runs have
+no selector: they appear in every group with the same data, backbone and budget. Records
+that are running or failed are listed, never dropped. With two or more protocols or
+splits, methods are ranked across them (Friedman, Nemenyi's critical difference).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import polars as pl
 from scipy import stats
 
 from bench.records import RECORD, describe_error
+from bench.statistics import Ranking, compare_paired, holm, rank_methods, verdict
 
 GROUP_KEYS = ("dataset", "protocol", "backbone", "budget", "framework", "normaliser")
 SHARED_KEYS = GROUP_KEYS[:4]  # what a supervised-only run must share to join a group
@@ -92,6 +98,9 @@ def record_row(record: dict, path: Path, by: str | None = None) -> dict:
         "column": str(_config_value(cfg, by)) if by else split_label(cfg),
         "method": method_label(cfg, by),
         "seed": cfg["seed"],
+        # what makes two runs of one seed a pair: the labelled split and the warm start
+        "split_sha": (record.get("splits") or {}).get("sha256"),
+        "warm_start": cfg.get("init_from_hash"),
         "miou": final.get("miou"),
         "miou_best_val": final.get("miou_best_val"),
         "precision": sel.get("precision"),
@@ -135,6 +144,7 @@ class Table:
     rows: list[list[str]]
     bold: list[list[bool]] = field(default_factory=list)
     numeric: pl.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _fmt(mean: float | None, scale: float, digits: int = 1) -> str:
@@ -143,19 +153,30 @@ def _fmt(mean: float | None, scale: float, digits: int = 1) -> str:
     return f"{mean * scale:.{digits}f}"
 
 
+def paired_values(method: dict[int, dict], reference: dict[int, dict]) -> tuple[list[float], list[float], list[str]]:
+    """mIoU of the seeds both have, aligned; and why other shared seeds were left out. A seed
+    pairs when both runs used the same split and warm start (unknown counts as the same:
+    records written before the hashes were stored)."""
+    a, b, unpaired = [], [], []
+    for seed in sorted(set(method) & set(reference)):
+        x, y = method[seed], reference[seed]
+        clash = [what for key, what in (("split_sha", "labelled split"), ("warm_start", "warm start")) if x[key] and y[key] and x[key] != y[key]]
+        if clash:
+            unpaired.append(f"seed {seed} ({' and '.join(clash)} {'differ' if len(clash) > 1 else 'differs'})")
+            continue
+        a.append(x["miou"])
+        b.append(y["miou"])
+    return a, b, unpaired
+
+
 def paired_p_value(method: dict[int, float], baseline: dict[int, float]) -> tuple[float, int]:
     """Two-sided paired t-test over the seeds both have; NaN with fewer than two pairs."""
     seeds = sorted(set(method) & set(baseline))
-    if len(seeds) < 2:
-        return math.nan, len(seeds)
-    a = [method[s] for s in seeds]
-    b = [baseline[s] for s in seeds]
-    if all(x == y for x, y in zip(a, b)):
-        return 1.0, len(seeds)
-    return float(stats.ttest_rel(a, b).pvalue), len(seeds)
+    result = compare_paired([method[s] for s in seeds], [baseline[s] for s in seeds])
+    return result.p, result.n
 
 
-def build_tables(frame: pl.DataFrame) -> list[Table]:
+def build_tables(frame: pl.DataFrame, reference: str = BASELINE) -> list[Table]:
     if frame.is_empty():
         return []
     semi = frame.filter(pl.col("framework") != "supervised")
@@ -172,11 +193,39 @@ def build_tables(frame: pl.DataFrame) -> list[Table]:
                 & pl.all_horizontal([pl.col(k) == group[k] for k in SHARED_KEYS])
             )
         )
-        tables.append(_group_table(group, members))
+        tables.append(_group_table(group, members, reference))
     return tables
 
 
-def _group_table(group: dict, members: pl.DataFrame) -> Table:
+def _signed(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _comparisons(members: pl.DataFrame, methods: list[str], column: str, reference: str, where: str = "") -> tuple[dict[str, dict], list[str]]:
+    """Per method (not the reference): its paired comparison with the reference in one
+    column, Holm-adjusted across the methods; and notes on seeds that did not pair."""
+    runs = {
+        m: {r["seed"]: r for r in sub.iter_rows(named=True)}
+        for (m,), sub in members.filter(pl.col("column") == column).group_by("method", maintain_order=True)
+    }
+    if reference not in runs:
+        return {}, []
+    results, notes = {}, []
+    for m in methods:
+        if m == reference or m not in runs:
+            continue
+        a, b, unpaired = paired_values(runs[m], runs[reference])
+        results[m] = {"comparison": compare_paired(a, b)}
+        if unpaired:
+            notes.append(f"{m} vs {reference}{where}: not paired: {', '.join(unpaired)}")
+    names = list(results)
+    for m, adjusted in zip(names, holm([results[m]["comparison"].p for m in names])):
+        results[m]["p_holm"] = adjusted
+        results[m]["verdict"] = verdict(results[m]["comparison"], adjusted)
+    return results, notes
+
+
+def _group_table(group: dict, members: pl.DataFrame, reference: str = BASELINE) -> Table:
     columns = sorted(members["column"].unique().to_list(), key=_natural)
     per_cell = (
         members.group_by("method", "column")
@@ -188,15 +237,20 @@ def _group_table(group: dict, members: pl.DataFrame) -> Table:
         .sort("method", "column")
     )
     summary = members.group_by("method").agg([pl.col(c).mean() for c in SUMMARY_COLUMNS]).sort("method")
-    methods = sorted(summary["method"].to_list(), key=lambda m: (m != "supervised", m != BASELINE, m))
-    seeds = {
-        (m, c): dict(zip(sub["seed"].to_list(), sub["miou"].to_list()))
-        for (m, c), sub in members.group_by("method", "column", maintain_order=True)
-    }
+    methods = sorted(summary["method"].to_list(), key=lambda m: (m != "supervised", m != reference, m))
     cells = {(r["method"], r["column"]): r for r in per_cell.iter_rows(named=True)}
     sums = {r["method"]: r for r in summary.iter_rows(named=True)}
+    compared, notes = {}, []
+    for c in columns:
+        compared[c], column_notes = _comparisons(members, methods, c, reference, f" in {c}" if len(columns) > 1 else "")
+        notes += column_notes
 
-    header = ["method"] + [f"mIoU {c}" for c in columns] + [f"p vs {BASELINE} {c}" if len(columns) > 1 else f"p vs {BASELINE}" for c in columns]
+    def named(title: str, c: str) -> str:
+        return f"{title} {c}" if len(columns) > 1 else title
+
+    header = ["method"] + [f"mIoU {c}" for c in columns]
+    for c in columns:
+        header += [named(f"Δ vs {reference} [95% CI]", c), named("p (Holm)", c), named("MDE", c), named("verdict", c)]
     header += [name for name, _, _ in SUMMARY_COLUMNS.values()]
     rows, numeric_rows, means = [], [], []
     for m in methods:
@@ -211,20 +265,31 @@ def _group_table(group: dict, members: pl.DataFrame) -> Table:
             row.append(f"{100 * cell['mean']:.1f} ± {std} ({cell['n']})")
             mean_row.append(cell["mean"])
         for c in columns:
-            if m == BASELINE or (m, c) not in seeds or (BASELINE, c) not in seeds:
-                row.append("–")
+            result = compared[c].get(m)
+            if result is None:
+                row += ["–"] * 4
             else:
-                p, n = paired_p_value(seeds[(m, c)], seeds[(BASELINE, c)])
-                row.append("–" if math.isnan(p) else f"{p:.3f} ({n})")
-                numeric_rows.append({"method": m, "column": c, "p_vs_fixed": p, "pairs": n})
-            mean_row.append(None)
+                cmp = result["comparison"]
+                interval = "" if math.isnan(cmp.low) else f" [{_signed(cmp.low)}, {_signed(cmp.high)}]"
+                row.append(f"{_signed(cmp.difference)}{interval} ({cmp.n})" if cmp.n else "–")
+                row.append("–" if math.isnan(result["p_holm"]) else f"{result['p_holm']:.3f}")
+                row.append(_fmt(cmp.mde, 100))
+                row.append(result["verdict"])
+                numeric_rows.append(
+                    {
+                        "method": m, "column": c, "reference": reference, "pairs": cmp.n, "difference": cmp.difference,
+                        "ci_low": cmp.low, "ci_high": cmp.high, "p": cmp.p, "p_holm": result["p_holm"], "mde": cmp.mde,
+                        "verdict": result["verdict"],
+                    }
+                )
+            mean_row += [None] * 4
         for key, (_, _, scale) in SUMMARY_COLUMNS.items():
             value = sums[m][key]
             row.append(_fmt(value, scale, 1 if scale == 100 else 2 if key == "selector_ms" else 0))
             mean_row.append(value)
         rows.append(row)
         means.append(mean_row)
-    directions = [None] + [True] * len(columns) + [None] * len(columns) + [d for _, d, _ in SUMMARY_COLUMNS.values()]
+    directions = [None] + [True] * len(columns) + [None] * (4 * len(columns)) + [d for _, d, _ in SUMMARY_COLUMNS.values()]
     bold = [[False] * len(header) for _ in rows]
     for j, direction in enumerate(directions):
         values = [r[j] for r in means]
@@ -235,9 +300,13 @@ def _group_table(group: dict, members: pl.DataFrame) -> Table:
         for i, v in enumerate(values):
             bold[i][j] = v == best
     title = ", ".join(f"{k}={group[k]}" for k in GROUP_KEYS)
-    numeric = per_cell.join(pl.DataFrame(numeric_rows, schema={"method": pl.Utf8, "column": pl.Utf8, "p_vs_fixed": pl.Float64, "pairs": pl.Int64}), on=["method", "column"], how="left")
+    schema = {
+        "method": pl.Utf8, "column": pl.Utf8, "reference": pl.Utf8, "pairs": pl.Int64, "difference": pl.Float64, "ci_low": pl.Float64,
+        "ci_high": pl.Float64, "p": pl.Float64, "p_holm": pl.Float64, "mde": pl.Float64, "verdict": pl.Utf8,
+    }
+    numeric = per_cell.join(pl.DataFrame(numeric_rows, schema=schema), on=["method", "column"], how="left")
     numeric = numeric.join(summary, on="method", how="left").with_columns([pl.lit(str(group[k])).alias(k) for k in GROUP_KEYS])
-    return Table(title, header, rows, bold, numeric)
+    return Table(title, header, rows, bold, numeric, notes)
 
 
 def _natural(text: str):
@@ -248,7 +317,44 @@ def _natural(text: str):
         return (1, 0.0, text)
 
 
-def render(tables: list[Table], others: pl.DataFrame, fmt: str = "markdown") -> str:
+LEGEND = (
+    "Δ: method minus {reference} in mIoU points, mean over paired seeds with its 95% t interval (pairs); "
+    "p (Holm): two-sided paired t-test, adjusted across the methods of the table; MDE: the true difference "
+    "the seeds detect with 80% power at α = 0.05; verdict: better / worse where the adjusted p < 0.05."
+)
+
+
+def rank_across(tables: list[Table]) -> Ranking | None:
+    """Methods ranked by mean mIoU within each (table, column) block; None with fewer than
+    two blocks or two shared methods."""
+    scores: dict[str, dict[str, float]] = {}
+    for t in tables:
+        for r in t.numeric.select("method", "column", "mean").iter_rows(named=True):
+            scores.setdefault(f"{t.title} | {r['column']}", {})[r["method"]] = r["mean"]
+    try:
+        return rank_methods(scores)
+    except ValueError:
+        return None
+
+
+def render_ranking(ranking: Ranking, fmt: str = "markdown") -> str:
+    order = sorted(range(len(ranking.methods)), key=lambda i: ranking.mean_ranks[i])
+    summary = (
+        f"Friedman χ² = {ranking.chi2:.2f}, p = {ranking.p:.3g} (Iman–Davenport F = {ranking.iman_davenport_f:.2f}, "
+        f"p = {ranking.iman_davenport_p:.3g}) over {ranking.blocks} protocols/splits; Nemenyi critical difference "
+        f"{ranking.critical_difference:.2f} at α = 0.05: two methods whose mean ranks differ by more differ detectably."
+    )
+    if fmt == "markdown":
+        lines = ["### Mean rank across protocols and splits (1 = best)", "", "| method | mean rank |", "|---|---|"]
+        lines += [f"| {ranking.methods[i]} | {ranking.mean_ranks[i]:.2f} |" for i in order]
+        return "\n".join(lines + ["", summary])
+    if fmt == "latex":
+        return "% " + summary + "\n" + "\n".join(f"% {ranking.methods[i]}: {ranking.mean_ranks[i]:.2f}" for i in order)
+    items = "".join(f"<tr><td>{html.escape(ranking.methods[i])}</td><td>{ranking.mean_ranks[i]:.2f}</td></tr>" for i in order)
+    return f"<h3>Mean rank</h3><table><tbody>{items}</tbody></table><p>{html.escape(summary)}</p>"
+
+
+def render(tables: list[Table], others: pl.DataFrame, fmt: str = "markdown", reference: str = BASELINE) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "csv":
@@ -257,6 +363,12 @@ def render(tables: list[Table], others: pl.DataFrame, fmt: str = "markdown") -> 
     parts = [_render_table(t, fmt) for t in tables]
     if not tables:
         parts.append("no complete runs found")
+    else:
+        legend = LEGEND.format(reference=reference)
+        parts.append({"latex": f"% {legend}", "html": f"<p>{html.escape(legend)}</p>"}.get(fmt, legend))
+    ranking = rank_across(tables)
+    if ranking is not None:
+        parts.append(render_ranking(ranking, fmt))
     if others.height:
         listing = [f"{r['run']}: {r['status']}" + (f" ({r['error']})" if r["error"] else "") for r in others.iter_rows(named=True)]
         if fmt == "html":
@@ -282,18 +394,30 @@ def _render_table(t: Table, fmt: str) -> str:
     if fmt == "markdown":
         lines = [f"### {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "|".join("---" for _ in t.header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]
+        lines += [""] + [f"- {note}" for note in t.notes] if t.notes else []
         return "\n".join(lines)
     if fmt == "latex":
         head = " & ".join(cell(h, False) for h in t.header)
         lines = [f"% {t.title}", r"\begin{tabular}{l" + "r" * (len(t.header) - 1) + "}", r"\toprule", head + r" \\", r"\midrule"]
         lines += [" & ".join(r) + r" \\" for r in body]
-        lines += [r"\bottomrule", r"\end{tabular}"]
+        lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {note}" for note in t.notes]
         return "\n".join(lines)
     rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
-    return f"<h3>{html.escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in t.notes)
+    return f"<h3>{html.escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{notes}"
 
 
-def leaderboard(root: str | Path, fmt: str = "markdown", by: str | None = None) -> str:
+def leaderboard(root: str | Path, fmt: str = "markdown", by: str | None = None, reference: str = BASELINE, figure: str | Path | None = None) -> str:
+    """The tables of every record under `root`; `figure`: also draw the critical-difference
+    figure there (when there are two or more protocols or splits to rank across)."""
     frame, others = load_rows(root, by)
-    return render(build_tables(frame), others, fmt)
+    tables = build_tables(frame, reference)
+    if figure is not None:
+        ranking = rank_across(tables)
+        if ranking is None:
+            raise ValueError("a critical-difference figure needs two or more protocols or splits with two shared methods")
+        from bench.statistics import plot_critical_difference
+
+        plot_critical_difference(ranking, figure)
+    return render(tables, others, fmt, reference)

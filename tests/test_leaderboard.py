@@ -9,9 +9,10 @@ from bench.config import TrainConfig
 from bench.leaderboard import leaderboard, load_rows, build_tables, paired_p_value
 
 
-def write(root, name, miou, seed, status="complete", sel=(0.9, 0.6, 0.5), **cfg):
+def write(root, name, miou, seed, status="complete", sel=(0.9, 0.6, 0.5), splits=None, **cfg):
     config = TrainConfig(**{"seed": seed, **cfg}).validate().to_dict()
     record = {
+        "splits": splits,
         "status": status,
         "error": "boom" if status == "failed" else None,
         "config": config,
@@ -34,29 +35,78 @@ def runs(tmp_path):
     return tmp_path
 
 
-def test_means_stds_and_paired_p_by_hand(runs):
+def _p_two_dof(t):
+    """Two-sided p of a t statistic with 2 dof: the t CDF is 1/2 + t / (2 sqrt(2 + t^2))."""
+    return 1 - abs(t) / math.sqrt(2 + t * t)
+
+
+def test_means_differences_holm_and_verdicts_by_hand(runs):
     text = leaderboard(runs)
     # fixed: 50, 52, 54 -> 52.0 ± 2.0 ; csl: 53, 56, 55 -> 54.7 ± 1.5 ; supervised 41.0 ± 1.0
-    assert "| fixed | 52.0 ± 2.0 (3) | – |" in text
-    assert "| supervised | 41.0 ± 1.0 (3) |" in text
-    # paired t over seeds: d = (3, 4, 1) points; t = 3.0237 with 2 dof; for 2 dof the
-    # t CDF is 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - t / sqrt(2 + t^2) = 0.0942
-    t = (0.02 + 2 / 300) / (math.sqrt(((0.03 - 0.08 / 3) ** 2 + (0.04 - 0.08 / 3) ** 2 + (0.01 - 0.08 / 3) ** 2) / 2) / math.sqrt(3))
-    p = 1 - t / math.sqrt(2 + t * t)
-    assert p == pytest.approx(0.0942, abs=1e-4)
-    assert f"| **54.7 ± 1.5 (3)** | {p:.3f} (3) |" in text
+    assert "| fixed | 52.0 ± 2.0 (3) | – | – | – | – |" in text
+    # csl - fixed per seed: 3, 4, 1 points: mean 2.67, sd sqrt(7/3), 95% interval +- t(.975, 2) sd / sqrt(3)
+    sd = math.sqrt(7 / 3)
+    half = 4.302652729911275 * sd / math.sqrt(3)
+    p_csl = _p_two_dof((8 / 3) / (sd / math.sqrt(3)))
+    assert p_csl == pytest.approx(0.0942, abs=1e-4)
+    # supervised - fixed: -10, -11, -12: mean -11, sd 1
+    p_sup = _p_two_dof(-11 / (1 / math.sqrt(3)))
+    # Holm over the two comparisons: the smaller p doubled, the larger kept (and at least that)
+    holm_sup, holm_csl = 2 * p_sup, max(p_csl, 2 * p_sup)
+    assert f"| supervised | 41.0 ± 1.0 (3) | -11.0 [{-11 - 4.3027 / math.sqrt(3):+.1f}, {-11 + 4.3027 / math.sqrt(3):+.1f}] (3) | {holm_sup:.3f} |" in text
+    assert f"| **54.7 ± 1.5 (3)** | +2.7 [{8 / 3 - half:+.1f}, {8 / 3 + half:+.1f}] (3) | {holm_csl:.3f} |" in text
+    row = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert row["supervised"][5] == "worse" and row["csl"][5] == "no detectable difference"
+    # MDE: the difference the 3 seeds detect with 80% power, from the observed spread (simulated check
+    # of the power calculation in test_statistics); it scales with sd
+    from bench.statistics import minimum_detectable_difference
+
+    assert row["csl"][4] == f"{100 * minimum_detectable_difference(sd / 100, 3):.1f}"
     # the other columns: best-val = miou + 1 point, wall s = 100 + seed -> 101 on average;
     # csl recall 70, 71, 72 -> 71.0; bold marks the best per column (higher precision and
     # recall; coverage is not ranked)
-    assert "| fixed | 52.0 ± 2.0 (3) | – | 53.0 | **90.0** | 60.0 | 50.0 | **101** | **2.00** | **0** |" in text
+    assert "| fixed | 52.0 ± 2.0 (3) | – | – | – | – | 53.0 | **90.0** | 60.0 | 50.0 | **101** | **2.00** | **0** |" in text
     assert "| **55.7** | 80.0 | **71.0** | 60.0 | **101** |" in text
+    assert "p (Holm): two-sided paired t-test" in text  # the legend
     # failed and running runs are listed, not dropped
     assert "csl-broken: failed (boom)" in text and "csl-live: running" in text
+
+
+def test_another_reference_method(runs):
+    text = leaderboard(runs, reference="supervised")
+    assert "Δ vs supervised" in text and "| supervised | 41.0 ± 1.0 (3) | – | – | – | – |" in text
+    assert "| fixed | 52.0 ± 2.0 (3) | +11.0" in text
+
+
+def test_seeds_pair_only_with_the_same_split_and_warm_start(tmp_path):
+    for seed, (f, c) in enumerate([(0.50, 0.53), (0.52, 0.56), (0.54, 0.55)]):
+        write(tmp_path, f"fixed-{seed}", f, seed, selector="fixed", splits={"sha256": "s"}, init_from_hash="w")
+        clash = {"sha256": "other"} if seed == 2 else {"sha256": "s"}
+        write(tmp_path, f"csl-{seed}", c, seed, selector="csl", splits=clash, init_from_hash="w")
+    text = leaderboard(tmp_path)
+    assert "| +3.5 [" in text and "(2) |" in text  # seeds 0 and 1 only: 3 and 4 points
+    assert "csl vs fixed: not paired: seed 2 (labelled split differs)" in text
 
 
 def test_paired_p_value_needs_two_matched_seeds():
     assert math.isnan(paired_p_value({0: 0.5}, {0: 0.4})[0])
     assert paired_p_value({0: 0.5, 1: 0.6, 5: 0.9}, {0: 0.5, 1: 0.6, 2: 0.1}) == (1.0, 2)
+
+
+def test_ranks_across_splits_and_the_figure(tmp_path):
+    # three splits; csl best in all, fixed second, supervised last -> mean ranks 1, 2, 3
+    for labeled in (10, 20, 40):
+        for seed in range(2):
+            write(tmp_path, f"f{labeled}-{seed}", 0.50 + seed / 100, seed, selector="fixed", labeled=labeled)
+            write(tmp_path, f"c{labeled}-{seed}", 0.55 + seed / 100, seed, selector="csl", labeled=labeled)
+            write(tmp_path, f"s{labeled}-{seed}", 0.40 + seed / 100, seed, framework="supervised", labeled=labeled)
+    text = leaderboard(tmp_path, figure=tmp_path / "cd.png")
+    assert "| csl | 1.00 |\n| fixed | 2.00 |\n| supervised | 3.00 |" in text
+    # Friedman with N = 3 blocks, k = 3: chi2 = 12 N / (k (k+1)) (sum R^2 - k (k+1)^2 / 4) = 3 (14 - 12) = 6
+    assert "Friedman χ² = 6.00" in text and "critical difference 1.91" in text  # 2.343 sqrt(12 / 18)
+    assert (tmp_path / "cd.png").exists()
+    with pytest.raises(ValueError, match="two or more protocols"):
+        leaderboard(tmp_path / "f10-0", figure=tmp_path / "none.png")
 
 
 def test_supervised_runs_join_the_semi_supervised_table(runs):
@@ -87,5 +137,6 @@ def test_other_formats(runs, fmt, marker):
 
         rows = {r["method"]: r for r in csv.DictReader(io.StringIO(out))}
         assert float(rows["fixed"]["mean"]) == pytest.approx(0.52) and float(rows["fixed"]["std"]) == pytest.approx(0.02)
-        assert float(rows["csl"]["p_vs_fixed"]) == pytest.approx(0.0942, abs=1e-4) and rows["csl"]["n"] == "3"
+        assert float(rows["csl"]["p"]) == pytest.approx(0.0942, abs=1e-4) and rows["csl"]["n"] == "3"
+        assert float(rows["csl"]["difference"]) == pytest.approx(0.08 / 3) and rows["csl"]["verdict"] == "no detectable difference"
         assert float(rows["csl"]["recall"]) == pytest.approx(0.71) and rows["supervised"]["precision"] == ""
