@@ -23,6 +23,7 @@ from bench.suggest import did_you_mean
 
 NORMALISERS = ("valid", "selected")
 EVAL_MODES = ("whole", "sliding", "center")
+EVAL_SPLITS = ("val", "test")
 # Defaults that depend on the dataset, filled in when the config is resolved. The
 # synthetic scenes are small (80 px), so the general 0.5-2.0 range would shrink their
 # objects to a few pixels.
@@ -36,7 +37,7 @@ GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0, "protocol": "classic"}
 NON_RESULT_KEYS = ("out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "init_from", "deterministic")
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
-HASHED_UNLESS_DEFAULT = {"replicas": 1}
+HASHED_UNLESS_DEFAULT = {"replicas": 1, "eval_split": "val"}
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -58,6 +59,7 @@ class TrainConfig:
     unlabeled_batch_size: int | None = None  # default: batch_size
     workers: int = 0
     # evaluation
+    eval_split: str = "val"  # where the final mIoU is measured: val | test (held out; curves and best-val stay on val)
     eval_every: int = 250
     eval_mode: str = "whole"  # whole | sliding | center
     eval_crop: int | None = None  # window / centre crop size; default: crop
@@ -107,7 +109,7 @@ class TrainConfig:
                 setattr(self, key, value)
         from bench.frameworks import FRAMEWORKS  # the registry of steps decides what exists
 
-        choices = {"framework": list(FRAMEWORKS), "normaliser": NORMALISERS, "eval_mode": EVAL_MODES}
+        choices = {"framework": list(FRAMEWORKS), "normaliser": NORMALISERS, "eval_mode": EVAL_MODES, "eval_split": EVAL_SPLITS}
         for key, options in choices.items():
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(options)}")

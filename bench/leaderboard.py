@@ -29,8 +29,8 @@ from scipy import stats
 from bench.records import RECORD, describe_error
 from bench.statistics import Ranking, compare_paired, holm, rank_methods, verdict
 
-GROUP_KEYS = ("dataset", "protocol", "backbone", "budget", "framework", "normaliser")
-SHARED_KEYS = GROUP_KEYS[:4]  # what a supervised-only run must share to join a group
+GROUP_KEYS = ("dataset", "protocol", "backbone", "budget", "framework", "normaliser", "eval_split")
+SHARED_KEYS = GROUP_KEYS[:4] + ("eval_split",)  # what a supervised-only run must share to join a group
 BASELINE = "fixed"
 FORMATS = ("markdown", "csv", "latex", "html")
 # column -> True when higher is better, False when lower is, None when neither
@@ -95,6 +95,7 @@ def record_row(record: dict, path: Path, by: str | None = None) -> dict:
         "budget": cfg["iters"],
         "framework": cfg["framework"],
         "normaliser": cfg["normaliser"],
+        "eval_split": final.get("eval_split", "val"),  # records before eval_split measured on val
         "column": str(_config_value(cfg, by)) if by else split_label(cfg),
         "method": method_label(cfg, by),
         "seed": cfg["seed"],
@@ -248,7 +249,7 @@ def _group_table(group: dict, members: pl.DataFrame, reference: str = BASELINE) 
     def named(title: str, c: str) -> str:
         return f"{title} {c}" if len(columns) > 1 else title
 
-    header = ["method"] + [f"mIoU {c}" for c in columns]
+    header = ["method"] + [f"{group['eval_split']} mIoU {c}" for c in columns]
     for c in columns:
         header += [named(f"Δ vs {reference} [95% CI]", c), named("p (Holm)", c), named("MDE", c), named("verdict", c)]
     header += [name for name, _, _ in SUMMARY_COLUMNS.values()]

@@ -237,10 +237,10 @@ def check_inputs(configs: dict[str, TrainConfig], warm_starts: set[str] = frozen
     problems: dict[str, list[str]] = {}
     seen: dict[tuple, str | None] = {}
     for label, cfg in configs.items():
-        key = (cfg.dataset, cfg.root, cfg.split_dir, cfg.split, cfg.labeled)
+        key = (cfg.dataset, cfg.root, cfg.split_dir, cfg.split, cfg.labeled, cfg.eval_split)
         if key not in seen:
             try:
-                split = load_split(get_source(cfg.dataset, cfg.root), cfg.split_dir, cfg.split, cfg.labeled)
+                split = load_split(get_source(cfg.dataset, cfg.root), cfg.split_dir, cfg.split, cfg.labeled, cfg.eval_split)
                 seen[key] = None
                 if split.origin.startswith("generated"):  # say so: a missing split folder is easy to miss
                     print(f"note: no split files in {Path(cfg.split_dir) / cfg.dataset / cfg.split}; {cfg.dataset} split {split.origin}", flush=True)

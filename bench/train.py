@@ -202,7 +202,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.source = get_source(cfg.dataset, cfg.root)
         self.num_classes = self.source.num_classes
-        self.split = load_split(self.source, cfg.split_dir, cfg.split, cfg.labeled)
+        self.split = load_split(self.source, cfg.split_dir, cfg.split, cfg.labeled, cfg.eval_split)
         self.model = build_model(cfg, self.num_classes).to(self.device)
         if cfg.init_from:
             weights, cfg.init_from_hash = warm_start_weights(cfg.init_from, cfg.init_from_hash)
@@ -373,9 +373,11 @@ class Trainer:
         """The model that is evaluated and reported: the EMA teacher when there is one."""
         return self.ema if self.ema is not None else self.model
 
-    def validate(self) -> dict:
+    def validate(self, entries=None) -> dict:
+        """mIoU on val (the curves, best-val), or on the given entries (the held-out test)."""
         cfg = self.config
-        return evaluate(self.eval_model, self._eval_loader(), self.num_classes, cfg.eval_mode, cfg.eval_crop or cfg.crop, cfg.eval_stride, self.device, self.autocast)
+        loader = self._eval_loader(entries)
+        return evaluate(self.eval_model, loader, self.num_classes, cfg.eval_mode, cfg.eval_crop or cfg.crop, cfg.eval_stride, self.device, self.autocast)
 
     def probe_unlabeled(self) -> dict | None:
         """Max-confidence AUROC for correctness on (up to probe_images) unlabeled images."""
@@ -398,13 +400,15 @@ class Trainer:
 
     def _finish(self) -> None:
         cfg, log = self.config, self.log
-        final = log.last_eval
+        final = log.last_eval if cfg.eval_split == "val" else self.validate(self.split.test)
         self.record.update(
             status="complete",
             iteration=cfg.iters,
             updated=_now(),
             final={
+                "eval_split": cfg.eval_split,  # miou, per_class_iou and pixel_accuracy are on it
                 "miou": final["miou"],
+                "miou_last_val": log.last_eval["miou"],
                 "miou_best_val": log.best_val[0],
                 "best_val_iter": log.best_val[1],
                 "best_val_note": BEST_VAL_NOTE,
@@ -430,7 +434,7 @@ class Trainer:
             "splits": {
                 "origin": split.origin,
                 "sha256": split.sha256,
-                "sizes": {"labeled": len(split.labeled), "unlabeled": len(split.unlabeled), "val": len(split.val)},
+                "sizes": {"labeled": len(split.labeled), "unlabeled": len(split.unlabeled), "val": len(split.val), "test": len(split.test)},
             },
             "git_sha": git_sha(),
             "versions": library_versions(),

@@ -254,3 +254,18 @@ def test_cli_data_split_writes_the_split(tmp_path, capsys):
     assert "sha256" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="labeled must lie in"):
         main(["data", "split", "--dataset", "camvid", "--root", str(tmp_path / "data"), "--labeled", "9", "--out", str(tmp_path / "s")])
+
+
+def test_test_list_may_not_reuse_training_images(tmp_path):
+    src = get_source("synthetic", None)
+    folder = tmp_path / "synthetic" / "s"
+    folder.mkdir(parents=True)
+    (folder / "labeled.txt").write_text("train/00001\n")
+    (folder / "unlabeled.txt").write_text("train/00002\ntrain/00003\n")
+    (folder / "test.txt").write_text("test/00000\ntrain/00003\n")
+    with pytest.raises(DataError, match="1 test images are also training or validation images, e.g. train/00003"):
+        load_split(src, tmp_path, "s", labeled=1, eval_split="test")
+    (folder / "test.txt").write_text("test/00000\ntest/00001\n")
+    split = load_split(src, tmp_path, "s", labeled=1, eval_split="test")
+    assert [e.image for e in split.test] == ["test/00000", "test/00001"] and "test.txt" in split.sha256
+    assert load_split(src, tmp_path, "s", labeled=1).test == []  # read only when asked for

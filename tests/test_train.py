@@ -251,8 +251,42 @@ def test_a_few_iterations_on_real_camvid(tmp_path):
     ])
     record = Trainer(cfg, show_progress=False).run()
     assert record["status"] == "complete"
-    assert record["splits"]["sizes"] == {"labeled": 46, "unlabeled": 321, "val": 101}
+    assert record["splits"]["sizes"] == {"labeled": 46, "unlabeled": 321, "val": 101, "test": 0}
     assert len(record["final"]["per_class_iou"]) == 11
+
+
+def test_eval_split_test_reports_the_held_out_images(tmp_path):
+    from bench.evaluate import evaluate
+    from bench.data.loaders import EvalSet
+    from bench.data.sources import get_source
+    from bench.data import synthetic
+
+    cfg = tiny(tmp_path, "framework=supervised", "eval_split=test")
+    trainer = Trainer(cfg, show_progress=False)
+    record = trainer.run()
+    final = record["final"]
+    assert final["eval_split"] == "test" and record["splits"]["sizes"]["test"] == synthetic.TEST_IMAGES
+    assert "test (dataset list)" in record["splits"]["sha256"]
+    evals = [c["val_miou"] for c in record["curves"] if "val_miou" in c]
+    assert final["miou_last_val"] == evals[-1] and final["miou_best_val"] == max(evals)  # curves stay on val
+    # the final number is the trained model on the 200 test scenes, which no curve saw
+    source = get_source("synthetic", None)
+    test_ids = [e for e in source.pool("test")]
+    assert {e.image.split("/")[0] for e in test_ids} == {"test"}
+    loader = torch.utils.data.DataLoader(EvalSet(source, test_ids), batch_size=1)
+    direct = evaluate(trainer.eval_model, loader, 6, "whole", cfg.crop, cfg.eval_stride, torch.device("cpu"), trainer.autocast)
+    assert final["miou"] == pytest.approx(direct["miou"]) and final["miou"] != final["miou_last_val"]
+    # another eval split is another result: its own hash
+    assert cfg.hash() != tiny(tmp_path, "framework=supervised").hash()
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+def test_eval_split_test_without_test_images_is_a_clear_error(tmp_path):
+    from bench.data.sources import DataError
+
+    cfg = load_config(overrides=TINY + ["dataset=camvid", f"root={CAMVID}", "labeled=46", "eval_split=test", f"out={tmp_path / 'c'}"])
+    with pytest.raises(DataError, match="eval_split=test, but dataset 'camvid' has no labelled test images.*use eval_split=val"):
+        Trainer(cfg, show_progress=False)
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):

@@ -122,7 +122,7 @@ class SyntheticSource(Source):
     def parse_line(self, line: str, where: str) -> Entry:
         item = line.split()[0]
         split, _, index = item.partition("/")
-        if split not in ("train", "val") or not index.isdigit():
+        if split not in synthetic.IMAGES or not index.isdigit():
             raise DataError(f"{where}: synthetic ids look like train/00012, got {item!r}")
         return Entry(item, item)
 
@@ -130,8 +130,7 @@ class SyntheticSource(Source):
         return entry.image
 
     def missing(self, entries):
-        limit = {"train": synthetic.TRAIN_IMAGES, "val": synthetic.VAL_IMAGES}
-        return [e.image for e in entries if int(e.image.split("/")[1]) >= limit[e.image.split("/")[0]]]
+        return [e.image for e in entries if int(e.image.split("/")[1]) >= synthetic.IMAGES[e.image.split("/")[0]]]
 
     def pool(self, split):
         return [Entry(i, i) for i in synthetic.item_ids(split)]

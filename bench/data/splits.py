@@ -1,7 +1,8 @@
 """Labelled / unlabelled splits in the UniMatch format, and their fingerprints.
 
 `<split_dir>/<dataset>/<split>/labeled.txt` and `unlabeled.txt` (and optionally
-`val.txt`) hold one `<image> <mask>` or bare id per line. Every run records the sha256 of
+`val.txt`, `test.txt`) hold one `<image> <mask>` or bare id per line. Without a list the
+dataset's own val (and, for `eval_split=test`, test) images are used. Every run records the sha256 of
 each file it read, so two results are comparable only when their splits are identical.
 """
 
@@ -25,6 +26,7 @@ class Split:
     val: list[Entry]
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of its bytes
     origin: str = ""  # the folder read, or how the split was made
+    test: list[Entry] = field(default_factory=list)  # held out; read only when eval_split=test
 
 
 def _sha(text: str) -> str:
@@ -62,8 +64,9 @@ def read_list(source: Source, path: Path) -> tuple[list[Entry], str]:
     return entries, hashlib.sha256(data).hexdigest()
 
 
-def load_split(source: Source, split_dir: str | Path, split: str, labeled: int) -> Split:
-    """Read the split files, or for split='default' without files make one (seed 0)."""
+def load_split(source: Source, split_dir: str | Path, split: str, labeled: int, eval_split: str = "val") -> Split:
+    """Read the split files, or for split='default' without files make one (seed 0). With
+    eval_split='test' the held-out images are read too (test.txt, else the dataset's test)."""
     folder = Path(split_dir) / source.name / split
     if (folder / "labeled.txt").is_file():
         result = Split([], [], [], origin=str(folder))
@@ -90,11 +93,32 @@ def load_split(source: Source, split_dir: str | Path, split: str, labeled: int) 
             f"no split files in {folder}; write them with `cslbench data split --dataset {source.name} "
             f"--root <root> --labeled N --seed S --name {split}` or pass split_dir=<folder>"
         )
+    if eval_split == "test":
+        result.test = _test_entries(source, folder, result)
     overlap = {e.image for e in result.labeled} & {e.image for e in result.val}
     if overlap:
         raise DataError(f"split {result.origin}: {len(overlap)} validation images are also labelled, e.g. {sorted(overlap)[0]}")
-    missing = source.missing(result.labeled + result.unlabeled + result.val)
+    seen = {e.image for e in result.labeled + result.unlabeled + result.val} & {e.image for e in result.test}
+    if seen:
+        raise DataError(f"split {result.origin}: {len(seen)} test images are also training or validation images, e.g. {sorted(seen)[0]}")
+    missing = source.missing(result.labeled + result.unlabeled + result.val + result.test)
     if missing:
         shown = "\n  ".join(missing[:5])
         raise DataError(f"split {result.origin}: {len(missing)} files are missing, the first:\n  {shown}")
     return result
+
+
+def _test_entries(source: Source, folder: Path, result: Split) -> list[Entry]:
+    path = folder / "test.txt"
+    if path.is_file():
+        entries, digest = read_list(source, path)
+        result.sha256["test.txt"] = digest
+        return entries
+    try:
+        entries = source.pool("test")
+    except (DataError, OSError) as exc:
+        raise DataError(f"eval_split=test, but dataset '{source.name}' has no labelled test images here: {exc}; use eval_split=val or give {path}") from None
+    if not entries:
+        raise DataError(f"eval_split=test, but dataset '{source.name}' lists no test images; use eval_split=val")
+    result.sha256["test (dataset list)"] = _sha(split_text(source, entries))
+    return entries

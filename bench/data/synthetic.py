@@ -17,10 +17,13 @@ NUM_CLASSES = len(CLASSES)
 SIZE = 80
 TRAIN_IMAGES = 600
 VAL_IMAGES = 100
+TEST_IMAGES = 200  # held out: model selection never sees it
+IMAGES = {"train": TRAIN_IMAGES, "val": VAL_IMAGES, "test": TEST_IMAGES}
+_STREAMS = {"train": 0, "val": 1, "test": 2}
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    return np.random.default_rng([seed, _STREAMS[split], index])
 
 
 def _smooth(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
@@ -115,8 +118,6 @@ def make_scene(seed: int, split: str, index: int, size: int = SIZE) -> tuple[np.
 
 
 def item_ids(split: str) -> list[str]:
-    if split == "train":
-        return [f"train/{i:05d}" for i in range(TRAIN_IMAGES)]
-    if split == "val":
-        return [f"val/{i:05d}" for i in range(VAL_IMAGES)]
-    raise ValueError(f"synthetic data has splits 'train' and 'val', not {split!r}")
+    if split not in IMAGES:
+        raise ValueError(f"synthetic data has splits {', '.join(IMAGES)}, not {split!r}")
+    return [f"{split}/{i:05d}" for i in range(IMAGES[split])]
