@@ -38,28 +38,59 @@ def collect_predictions(run: LoadedRun, limit: int = 100, mc_passes: int | None 
     """The run's model (its EMA teacher where it had one) on up to `limit` unlabeled images
     (whole image): the softmax, as many stochastic passes as any registered selector
     declares (`mc_passes`), and a labelled batch for selectors that read one."""
+    return predict(run.model.eval(), run.source, run.split, run.device, limit, mc_passes)
+
+
+@torch.no_grad()
+def predict(model, source, split, device, limit: int = 100, mc_passes: int | None = None) -> Predictions:
+    """`model` (in eval mode) on up to `limit` of the split's unlabeled images."""
     from bench.data.loaders import EvalSet
 
     if mc_passes is None:
-        mc_passes = max(get_selector(n, num_classes=run.num_classes).mc_passes for n in available_selectors())
-    model = run.model.eval()
+        mc_passes = max(get_selector(n, num_classes=source.num_classes).mc_passes for n in available_selectors())
     probs, gts, mcs = [], [], []
-    unl = EvalSet(run.source, run.split.unlabeled[:limit])
+    unl = EvalSet(source, split.unlabeled[:limit])
     for i in range(len(unl)):
         item = unl[i]
-        x = item["image"][None].to(run.device)
+        x = item["image"][None].to(device)
         probs.append(model(x).float().softmax(1)[0].cpu())
         if mc_passes:
             mcs.append(torch.stack([model(x, stochastic=True).float()[0].cpu() for _ in range(mc_passes)]))
         gts.append(item["mask"])
-    lab = EvalSet(run.source, run.split.labeled[:8])
+    lab = EvalSet(source, split.labeled[:8])
     items = [lab[i] for i in range(len(lab))]
     same = len({tuple(it["image"].shape) for it in items}) == 1
     labeled = None
     if same:
-        x = torch.stack([it["image"] for it in items]).to(run.device)
+        x = torch.stack([it["image"] for it in items]).to(device)
         labeled = (model(x).float().softmax(1).cpu(), torch.stack([it["mask"] for it in items]))
-    return Predictions(probs, gts, mcs or None, labeled, run.num_classes)
+    return Predictions(probs, gts, mcs or None, labeled, source.num_classes)
+
+
+def calibration(preds: Predictions, bins: int = 15, confident: float = 0.95) -> dict:
+    """How far the teacher's max confidence is from its accuracy on labelled pixels: the
+    expected calibration error (equal-width bins), and how many wrong pixels look confident."""
+    conf = torch.cat([p.max(0).values.flatten() for p in preds.probs]).double()
+    label = torch.cat([p.argmax(0).flatten() for p in preds.probs])
+    gt = torch.cat([g.flatten() for g in preds.gt])
+    keep = (gt != IGNORE) & (gt < preds.num_classes)
+    conf, right = conf[keep], (label == gt)[keep].double()
+    n = conf.numel()
+    if n == 0:
+        return {"pixels": 0, "accuracy": math.nan, "ece": math.nan, "wrong_confident_share": math.nan, "confident_error_rate": math.nan}
+    which = (conf * bins).long().clamp(max=bins - 1)  # [i/bins, (i+1)/bins), 1.0 in the last
+    count = torch.bincount(which, minlength=bins).double()
+    acc_sum = torch.bincount(which, weights=right, minlength=bins)
+    conf_sum = torch.bincount(which, weights=conf, minlength=bins)
+    ece = float((acc_sum - conf_sum).abs().sum() / n)  # sum_b n_b/n |acc_b - conf_b|
+    wrong, high = right == 0, conf >= confident
+    return {
+        "pixels": n,
+        "accuracy": float(right.mean()),
+        "ece": ece,
+        "wrong_confident_share": float((wrong & high).sum() / wrong.sum()) if wrong.any() else math.nan,
+        "confident_error_rate": float((wrong & high).sum() / high.sum()) if high.any() else math.nan,
+    }
 
 
 def _select_all(sel, preds: Predictions) -> list[Selection]:

@@ -31,6 +31,7 @@ class RunLog:
     pending_eval: dict = field(default_factory=dict)  # an evaluation not yet in the curves
     last_eval: dict | None = None
     best_val: tuple[float, int] = (math.nan, -1)  # (mIoU, iteration)
+    selection_probes: list[dict] = field(default_factory=list)  # every selector scored on the teacher during training
     cost: dict = field(default_factory=lambda: {"wall_s": 0.0, "selector_s": 0.0, "extra_forward_passes": 0})
     _mark: float = field(default=0.0, repr=False)  # wall-clock start of the time not yet counted
     _replicas: Replicas = field(default_factory=Replicas, repr=False)  # data-parallel workers whose counts add up
@@ -149,6 +150,7 @@ class RunLog:
 
     def load_state_dict(self, state: dict) -> None:
         expected = {f.name for f in fields(self) if not f.name.startswith("_")}
+        state = {"selection_probes": [], **state}  # checkpoints written before selection probes existed
         if set(state) != expected:
             raise ValueError(f"run log state has keys {sorted(state)}, expected {sorted(expected)}")
         if (state["meter"] is None) != (self.meter is None):

@@ -63,7 +63,7 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
             f"{record.get('iteration')}; its weights did not produce the recorded mIoU"
         )
     source = get_source(config.dataset, config.root)
-    split = load_split(source, config.split_dir, config.split, config.labeled)
+    split = load_split(source, config.split_dir, config.split, config.labeled, config.eval_split)
     recorded = (record.get("splits") or {}).get("sha256")
     if recorded and recorded != split.sha256:
         raise RunFolderError(f"{run}: the split files now in {split.origin} differ from the ones this run was trained on (sha256 in {RECORD})")

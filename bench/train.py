@@ -267,6 +267,9 @@ class Trainer:
                 if evaluated:
                     with log.untimed():
                         log.add_eval(self.validate(), done)
+                if done in self.probe_points and self.replicas.is_main:
+                    with log.untimed():
+                        log.selection_probes.append(self.probe_selection(done))
                 if logged:  # val_miou at the iteration it was measured
                     log.charge_time()
                     self._log(done, lr)
@@ -379,6 +382,38 @@ class Trainer:
         loader = self._eval_loader(entries)
         return evaluate(self.eval_model, loader, self.num_classes, cfg.eval_mode, cfg.eval_crop or cfg.crop, cfg.eval_stride, self.device, self.autocast)
 
+    @property
+    def probe_points(self) -> set[int]:
+        """Iterations of the selection probes: evenly spaced, the last at the end."""
+        n, iters = self.config.selection_probes, self.config.iters
+        return {round(iters * k / n) for k in range(1, n + 1)} if n and self.framework.semi_supervised else set()
+
+    def probe_selection(self, done: int) -> dict:
+        """Every registered selector on the teacher's current predictions for the same
+        unlabeled images, with the teacher's calibration: is confidence failing as
+        self-training goes on? Its random draws (stochastic passes) leave training's alone."""
+        from bench.analysis import calibration, predict, select_eval
+
+        model = self.eval_model
+        was_training = model.training
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed * 1_000_003 + done)
+            model.eval()
+            try:
+                with self.autocast():  # the model as in training; selectors in fp32 (outside autocast)
+                    preds = predict(model, self.source, self.split, self.device, self.config.selection_probe_images)
+            finally:
+                model.train(was_training)
+            rows = select_eval(preds, bootstrap=500, seed=done)
+        keep = ("coverage", "precision", "matched_threshold_precision", "precision_gain", "gain_ci", "auroc")
+        return {
+            "iter": done,
+            "images": len(preds.probs),
+            **calibration(preds),
+            "selectors": {r["name"]: {k: r[k] for k in keep if k in r} for r in rows},
+        }
+
     def probe_unlabeled(self) -> dict | None:
         """Max-confidence AUROC for correctness on (up to probe_images) unlabeled images."""
         cfg = self.config
@@ -393,6 +428,8 @@ class Trainer:
     def _log(self, done: int, lr: float) -> None:
         point = self.log.log_point(done, lr)
         self.record.update(status="running", iteration=done, curves=self.log.curves, updated=_now(), cost=self.log.cost_summary(done, self.device))
+        if self.log.selection_probes:
+            self.record["selection_over_training"] = self.log.selection_probes
         self._write_record()
         self.tracker.log(point, step=done)
         if self.on_log is not None:
@@ -417,6 +454,7 @@ class Trainer:
                 "unlabeled_probe": self.probe_unlabeled(),
             },
             selection=log.global_meter().compute() if log.meter is not None else None,
+            selection_over_training=log.selection_probes or None,
             cost=log.cost_summary(cfg.iters, self.device),
         )
         self._checkpoint(cfg.iters)  # durable before the record says complete

@@ -96,3 +96,23 @@ def test_figures_are_written(tmp_path):
     for name in "abc":
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_calibration_by_hand():
+    import torch
+
+    # eight pixels, two classes, class 0 always the argmax with confidence c; truth 0 = right
+    conf = torch.tensor([0.97, 0.97, 0.9, 0.9, 0.9, 0.9, 0.6, 0.6])
+    right = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0])
+    probs = torch.stack([conf, 1 - conf]).reshape(2, 1, 8)
+    gt = (1 - right).reshape(1, 8)
+    gt_with_void = torch.cat([gt, torch.full((1, 1), 255)], 1)  # a void pixel counts nowhere
+    probs = torch.cat([probs, torch.tensor([0.99, 0.01]).reshape(2, 1, 1)], 2)
+    out = analysis.calibration(Predictions([probs], [gt_with_void], None, None, 2))
+    # 15 bins: 0.97 -> bin 14 (acc 1/2), 0.9 -> bin 13 (acc 3/4), 0.6 -> bin 9 (acc 1/2)
+    ece = 2 / 8 * abs(0.5 - 0.97) + 4 / 8 * abs(0.75 - 0.9) + 2 / 8 * abs(0.5 - 0.6)
+    assert out["ece"] == pytest.approx(ece) and out["pixels"] == 8 and out["accuracy"] == pytest.approx(5 / 8)
+    assert out["wrong_confident_share"] == pytest.approx(1 / 3)  # of 3 wrong pixels, one has C >= 0.95
+    assert out["confident_error_rate"] == pytest.approx(1 / 2)  # of 2 pixels with C >= 0.95, one is wrong
+    perfect = analysis.calibration(Predictions([torch.tensor([[[1.0]], [[0.0]]])], [torch.zeros(1, 1, dtype=torch.long)], None, None, 2))
+    assert perfect["ece"] == 0 and perfect["accuracy"] == 1 and np.isnan(perfect["wrong_confident_share"])

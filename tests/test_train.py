@@ -298,3 +298,22 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
     with pytest.raises(RunExistsError, match=r"already holds a run \(complete\).*--resume.*out="):
         Trainer(tiny(tmp_path, "iters=1", "eval_every=1", "log_every=1", "probe_images=0", "seed=3"), show_progress=False)
     assert (tmp_path / "run" / "record.json").read_bytes() == before
+
+
+def test_selection_probes_score_every_selector_and_leave_training_alone(tmp_path):
+    plain = Trainer(tiny(tmp_path / "a", "selector=fixed"), show_progress=False).run()
+    probed_cfg = tiny(tmp_path / "b", "selector=fixed", "selection_probes=2", "selection_probe_images=3")
+    assert probed_cfg.hash() == tiny(tmp_path / "a", "selector=fixed").hash()  # measurement, not a result key
+    probed = Trainer(probed_cfg, show_progress=False).run()
+    # the probes' stochastic passes draw from their own generator: training is bit-identical
+    assert [{k: v for k, v in c.items()} for c in probed["curves"]] == plain["curves"]
+    assert probed["final"]["miou"] == plain["final"]["miou"] and probed["selection"] == plain["selection"]
+    probes = probed["selection_over_training"]
+    assert [p["iter"] for p in probes] == [3, 6] and all(p["images"] == 3 for p in probes)
+    assert set(probes[0]["selectors"]) == set(selection.available_selectors()) | {"max confidence", "margin (top-1 - top-2)", "1 - normalised entropy"}
+    for p in probes:
+        assert 0 <= p["ece"] <= 1 and 0 <= p["accuracy"] <= 1
+        fixed = p["selectors"]["fixed"]
+        if fixed["coverage"] > 0:  # fixed is a global threshold: no gain over the matched one
+            assert abs(fixed["precision_gain"]) < 0.02 and fixed["gain_ci"][0] <= fixed["precision_gain"] <= fixed["gain_ci"][1]
+    assert "selection_over_training" not in plain or plain["selection_over_training"] is None
