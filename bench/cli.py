@@ -145,6 +145,32 @@ def cmd_data_split(args) -> None:
     print(f"use it with: cslbench train dataset={args.dataset} root={args.root} split={name} split_dir={args.out}")
 
 
+def cmd_data_download(args) -> None:
+    from bench.data.download import BY_HAND, RECIPES, download
+    from bench.data.sources import DataError
+
+    if args.dataset in BY_HAND:
+        raise SystemExit(BY_HAND[args.dataset].replace("ROOT", args.root))
+    try:
+        summary = download(RECIPES[args.dataset], args.root, cache=args.cache)
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}")
+    images = ", ".join(f"{n} {split}" for split, n in summary["images"].items())
+    print(f"{args.dataset} ready in {args.root}: {images} images ({summary['files_checked']} files checked against the manifest)")
+    print(f"use it with: cslbench train dataset={args.dataset} root={args.root}")
+
+
+def cmd_data_check(args) -> None:
+    from bench.data.download import check_layout
+    from bench.data.sources import DataError
+
+    try:
+        sizes = check_layout(args.dataset, args.root)
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}")
+    print(f"{args.dataset} in {args.root}: " + ", ".join(f"{n} {split}" for split, n in sizes.items()) + " images, every listed file present")
+
+
 def cmd_leaderboard(args) -> None:
     from bench.leaderboard import leaderboard
     from bench.records import atomic_write_text
@@ -275,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="splits", help="split folder root (default: splits)")
     sp.add_argument("--name", help="split name (default: <labeled>_seed<seed>)")
     sp.set_defaults(func=cmd_data_split)
+    from bench.data.download import BY_HAND, RECIPES
+
+    dl = data_sub.add_parser("download", help="download, verify and unpack a dataset (camvid, pascal); cityscapes and coco: the steps")
+    dl.add_argument("dataset", choices=[*RECIPES, *BY_HAND])
+    dl.add_argument("--root", required=True, help="folder the dataset goes to")
+    dl.add_argument("--cache", help="where archives are kept while downloading (default: beside the root)")
+    dl.set_defaults(func=cmd_data_download)
+    ck = data_sub.add_parser("check", help="check a dataset folder's layout and that every listed file exists")
+    ck.add_argument("--dataset", required=True)
+    ck.add_argument("--root", required=True)
+    ck.set_defaults(func=cmd_data_check)
 
     sw = sub.add_parser("sweep", help="run a sweep file on Ray Tune, then print its leaderboard")
     sw.add_argument("file", help="sweep YAML (see sweeps/)")
