@@ -339,3 +339,61 @@ def plot_curves(frame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def selection_over_training(frame) -> dict[str, list[dict]]:
+    """The selection probes of every run in `frame` that has them, by training method."""
+    import json
+
+    probes: dict[str, list[dict]] = {}
+    for run, method in zip(frame["run"].to_list(), frame["method"].to_list()):
+        record = json.loads((Path(run) / "record.json").read_text())
+        for point in record.get("selection_over_training") or []:
+            probes.setdefault(method, []).append(point)
+    return probes
+
+
+def plot_selection_over_training(probes: dict[str, list[dict]], path: Path, names: list[str] | None = None) -> None:
+    """The paper's premise over training: each selector's precision gain over the
+    matched-coverage threshold (with its interval) and AUROC, and the teacher's calibration
+    (ECE; share of wrong pixels with C >= 0.95). Mean over the runs of each training method."""
+    plt = _plt()
+    methods = sorted(probes)
+    fig, axes = plt.subplots(len(methods), 3, figsize=(15, 3.8 * len(methods)), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
+    for row, method in zip(axes, methods):
+        by_iter: dict[int, list[dict]] = {}
+        for p in probes[method]:
+            by_iter.setdefault(p["iter"], []).append(p)
+        xs = sorted(by_iter)
+        runs = max(len(v) for v in by_iter.values())
+        selectors = names or sorted({s for p in probes[method] for s in p["selectors"]})
+        for i, name in enumerate(selectors):
+            colour = colours[i % 20]
+
+            def mean(key, index=None, name=name):
+                values = []
+                for x in xs:
+                    got = [p["selectors"][name].get(key) for p in by_iter[x] if name in p["selectors"]]
+                    got = [g[index] if index is not None and g is not None else g for g in got]
+                    got = [g for g in got if g is not None and not (isinstance(g, float) and math.isnan(g))]
+                    values.append(100 * np.mean(got) if got else np.nan)
+                return np.array(values)
+
+            gain = mean("precision_gain")
+            if not np.all(np.isnan(gain)):
+                row[0].plot(xs, gain, marker="o", ms=3, color=colour, label=name)
+                row[0].fill_between(xs, mean("gain_ci", 0), mean("gain_ci", 1), color=colour, alpha=0.12)
+            row[1].plot(xs, mean("auroc") / 100, marker="o", ms=3, color=colour, label=name)
+        row[0].axhline(0, color="k", lw=0.8)
+        row[0].set(xlabel="iteration", ylabel="precision gain (points)", title=f"{method}: gain over the matched-coverage threshold")
+        row[1].set(xlabel="iteration", ylabel="AUROC", title="AUROC of each selector's weight")
+        for key, label in (("ece", "ECE"), ("wrong_confident_share", "wrong pixels with C ≥ 0.95"), ("confident_error_rate", "error rate among C ≥ 0.95")):
+            values = [[np.nan if p.get(key) is None else p[key] for p in by_iter[x]] for x in xs]  # NaN is stored as null
+            row[2].plot(xs, [100 * np.nanmean(v) if not np.all(np.isnan(v)) else np.nan for v in values], marker="o", ms=3, label=label)
+        row[2].set(xlabel="iteration", ylabel="%", title=f"teacher calibration (mean over {runs} run{'s' * (runs > 1)})")
+        row[0].legend(fontsize=6, ncol=2)
+        row[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

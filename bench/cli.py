@@ -242,6 +242,10 @@ def cmd_analyze(args) -> None:
     if frame.height:
         analysis.plot_curves(frame, out / "curves.png")
         written.append("curves.png")
+        probes = analysis.selection_over_training(frame)
+        if probes:
+            analysis.plot_selection_over_training(probes, out / "selection_over_training.png")
+            written.append("selection_over_training.png")
     run = args.checkpoint or next((str(p.parent) for p in sorted(Path(args.folder).rglob("checkpoint.pt"))), None)
     if run:
         from bench.data.sources import DataError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import time
 import traceback
@@ -407,12 +408,13 @@ class Trainer:
                 model.train(was_training)
             rows = select_eval(preds, bootstrap=500, seed=done)
         keep = ("coverage", "precision", "matched_threshold_precision", "precision_gain", "gain_ci", "auroc")
-        return {
+        probe = {
             "iter": done,
             "images": len(preds.probs),
             **calibration(preds),
             "selectors": {r["name"]: {k: r[k] for k in keep if k in r} for r in rows},
         }
+        return json.loads(json.dumps(probe, default=float))  # plain floats: checkpoints load with weights_only
 
     def probe_unlabeled(self) -> dict | None:
         """Max-confidence AUROC for correctness on (up to probe_images) unlabeled images."""

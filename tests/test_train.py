@@ -317,3 +317,11 @@ def test_selection_probes_score_every_selector_and_leave_training_alone(tmp_path
         if fixed["coverage"] > 0:  # fixed is a global threshold: no gain over the matched one
             assert abs(fixed["precision_gain"]) < 0.02 and fixed["gain_ci"][0] <= fixed["precision_gain"] <= fixed["gain_ci"][1]
     assert "selection_over_training" not in plain or plain["selection_over_training"] is None
+    # cslbench analyze draws the probes over training next to the other figures
+    from bench.cli import main
+
+    main(["analyze", str(tmp_path / "b"), "--images", "2", "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "selection_over_training.png").read_bytes()[:4] == b"\x89PNG"
+    # the checkpoint holding the probes loads with weights_only, so the run resumes
+    resumed = Trainer(tiny(tmp_path / "b", "selector=fixed", "selection_probes=2", "selection_probe_images=3"), resume=True, show_progress=False).run()
+    assert resumed["selection_over_training"] == probes
