@@ -42,7 +42,7 @@ NON_RESULT_KEYS = (
 )
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
-HASHED_UNLESS_DEFAULT = {"replicas": 1, "eval_split": "val"}
+HASHED_UNLESS_DEFAULT = {"replicas": 1, "eval_split": "val", "resize": None}
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -58,6 +58,7 @@ class TrainConfig:
     labeled: int = 20  # labelled images when a split is made on the fly (synthetic default)
     protocol: str | None = None  # label for tables: classic | blended | u2pl (synthetic for synthetic data)
     crop: int = 64
+    resize: list[int] | None = None  # [height, width]: every image and mask resized at load (masks nearest); mIoU at that size
     scale_min: float | None = None  # weak-view rescale range; default 0.5 (0.8 for synthetic)
     scale_max: float | None = None  # default 2.0 (1.25 for synthetic)
     batch_size: int = 4  # labelled images per step
@@ -124,6 +125,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise ConfigError(f"resize is [height, width] in pixels, got {self.resize}")
         if not 0 < self.scale_min <= self.scale_max:
             raise ConfigError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
         if self.selection_probes < 0 or self.selection_probes > self.iters or self.selection_probe_images < 1:

@@ -62,7 +62,7 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
             f"{run}: the readable checkpoint is from iteration {state.get('iteration')}, but the record reports iteration "
             f"{record.get('iteration')}; its weights did not produce the recorded mIoU"
         )
-    source = get_source(config.dataset, config.root)
+    source = get_source(config.dataset, config.root, config.resize)
     split = load_split(source, config.split_dir, config.split, config.labeled, config.eval_split)
     recorded = (record.get("splits") or {}).get("sha256")
     if recorded and recorded != split.sha256:

@@ -201,7 +201,7 @@ class Trainer:
 
         self.determinism = use_deterministic_kernels(cfg.deterministic)  # before the first CUDA op
         torch.manual_seed(cfg.seed)
-        self.source = get_source(cfg.dataset, cfg.root)
+        self.source = get_source(cfg.dataset, cfg.root, cfg.resize)
         self.num_classes = self.source.num_classes
         self.split = load_split(self.source, cfg.split_dir, cfg.split, cfg.labeled, cfg.eval_split)
         self.model = build_model(cfg, self.num_classes).to(self.device)

@@ -269,3 +269,25 @@ def test_test_list_may_not_reuse_training_images(tmp_path):
     split = load_split(src, tmp_path, "s", labeled=1, eval_split="test")
     assert [e.image for e in split.test] == ["test/00000", "test/00001"] and "test.txt" in split.sha256
     assert load_split(src, tmp_path, "s", labeled=1).test == []  # read only when asked for
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+def test_resize_at_load_keeps_classes_and_caches():
+    full = get_source("camvid", CAMVID)
+    small = get_source("camvid", CAMVID, resize=(120, 160))
+    entry = full.pool("train")[0]
+    image, mask = small.load(entry)
+    big_image, big_mask = full.load(entry)
+    assert image.shape == (120, 160, 3) and mask.shape == (120, 160) and big_mask.shape == (360, 480)
+    assert set(np.unique(mask)) <= set(np.unique(big_mask))  # nearest: no invented classes
+    # nearest neighbour of a 3x downscale picks one pixel of each 3x3 block
+    assert np.mean(mask == big_mask[1::3, 1::3]) > 0.95
+    assert abs(float(image.mean()) - float(big_image.mean())) < 2  # bilinear keeps the brightness
+    assert small.load(entry)[0] is image  # decoded once
+
+
+def test_resize_must_be_height_and_width():
+    from bench.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"resize is \[height, width\]"):
+        load_config(overrides=["resize=[120]"])

@@ -46,7 +46,11 @@ class Source:
     num_classes = 0
     needs_root = True
 
-    def __init__(self, root: str | Path | None):
+    def __init__(self, root: str | Path | None, resize: tuple[int, int] | None = None):
+        # Every image and mask resized at load (bilinear / nearest) to (height, width): a
+        # CPU protocol trains on whole small frames. Resized pairs are small, so kept in memory.
+        self.resize = tuple(resize) if resize else None
+        self._cache: dict[Entry, tuple[np.ndarray, np.ndarray]] = {}
         if self.needs_root:
             if root is None:
                 raise DataError(f"dataset '{self.name}' needs root=<folder> ({self.layout})")
@@ -101,6 +105,18 @@ class Source:
 
     # -- loading ----------------------------------------------------------------------
     def load(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 image and (H, W) uint8 class map (IGNORE = void)."""
+        if self.resize is None:
+            return self.read(entry)
+        if entry not in self._cache:
+            image, mask = self.read(entry)
+            h, w = self.resize
+            image = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+            mask = np.array(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+            self._cache[entry] = (image, mask)
+        return self._cache[entry]
+
+    def read(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
         image = np.array(read_image(self.root / entry.image).convert("RGB"))
         mask = np.array(read_image(self.root / entry.mask))
         if mask.ndim == 3:
@@ -135,7 +151,7 @@ class SyntheticSource(Source):
     def pool(self, split):
         return [Entry(i, i) for i in synthetic.item_ids(split)]
 
-    def load(self, entry):
+    def read(self, entry):
         split, index = entry.image.split("/")
         return synthetic.make_scene(self.seed, split, int(index))
 
@@ -224,7 +240,7 @@ class COCO(Source):
 SOURCES = {cls.name: cls for cls in (SyntheticSource, CamVid, PascalVOC, Cityscapes, COCO)}
 
 
-def get_source(name: str, root: str | Path | None) -> Source:
+def get_source(name: str, root: str | Path | None, resize: tuple[int, int] | None = None) -> Source:
     if name not in SOURCES:
         raise DataError(f"unknown dataset '{name}'; available: {', '.join(SOURCES)}")
-    return SOURCES[name](root)
+    return SOURCES[name](root, resize)
