@@ -176,7 +176,7 @@ def cmd_leaderboard(args) -> None:
     from bench.records import atomic_write_text
 
     try:
-        text = leaderboard(args.folder, fmt=args.format, by=args.by, reference=args.reference, figure=args.figure)
+        text = leaderboard(args.folder, fmt=args.format, by=args.by, reference=args.reference, figure=args.figure, differences=args.differences)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     if args.out:
@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", help="write to this file instead of printing")
     lb.add_argument("--reference", default="fixed", help="the method every other is compared with (default: fixed)")
     lb.add_argument("--figure", help="also draw the critical-difference figure (mean ranks across protocols/splits) to this PNG")
+    lb.add_argument("--differences", help="also draw each method's paired difference to the reference against the columns (e.g. with --by iters: the SSL gain over the budget) to this PNG")
     lb.set_defaults(func=cmd_leaderboard)
 
     s = sub.add_parser("selectors", help="list registered selectors and their parameters")

@@ -42,7 +42,7 @@ NON_RESULT_KEYS = (
 )
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
-HASHED_UNLESS_DEFAULT = {"replicas": 1, "eval_split": "val", "resize": None}
+HASHED_UNLESS_DEFAULT = {"replicas": 1, "eval_split": "val", "resize": None, "blur_sigma": [0.1, 2.0]}
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -61,6 +61,7 @@ class TrainConfig:
     resize: list[int] | None = None  # [height, width]: every image and mask resized at load (masks nearest); mIoU at that size
     scale_min: float | None = None  # weak-view rescale range; default 0.5 (0.8 for synthetic)
     scale_max: float | None = None  # default 2.0 (1.25 for synthetic)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # strong views' Gaussian blur range (UniMatch's, for 321+ px crops)
     batch_size: int = 4  # labelled images per step
     unlabeled_batch_size: int | None = None  # default: batch_size
     workers: int = 0
@@ -125,6 +126,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"blur_sigma is [low, high] with 0 < low <= high, got {self.blur_sigma}")
         if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
             raise ConfigError(f"resize is [height, width] in pixels, got {self.resize}")
         if not 0 < self.scale_min <= self.scale_max:

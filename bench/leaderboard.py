@@ -92,7 +92,7 @@ def record_row(record: dict, path: Path, by: str | None = None) -> dict:
         "dataset": cfg["dataset"],
         "protocol": cfg["protocol"],
         "backbone": cfg["backbone"],
-        "budget": cfg["iters"],
+        "budget": cfg["iters"] if by != "iters" else "see columns",  # pivoting the budget puts it in the columns
         "framework": cfg["framework"],
         "normaliser": cfg["normaliser"],
         "eval_split": final.get("eval_split", "val"),  # records before eval_split measured on val
@@ -409,11 +409,51 @@ def _render_table(t: Table, fmt: str) -> str:
     return f"<h3>{html.escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{notes}"
 
 
-def leaderboard(root: str | Path, fmt: str = "markdown", by: str | None = None, reference: str = BASELINE, figure: str | Path | None = None) -> str:
+def plot_differences(tables: list[Table], path: str | Path, reference: str = BASELINE, by: str | None = None) -> None:
+    """Each method's paired difference to the reference (95% interval) against the columns:
+    with `--by iters` the gain over the budget, with splits the gain over label counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 4.2), squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        rows = t.numeric.filter(pl.col("difference").is_not_null())
+        columns = sorted(t.numeric["column"].unique().to_list(), key=_natural)
+        numeric_x = all(_natural(c)[0] == 0 for c in columns)
+        position = {c: (_natural(c)[1] if numeric_x else i) for i, c in enumerate(columns)}
+        for (method,), sub in rows.group_by("method", maintain_order=True):
+            sub = sub.sort(pl.col("column").replace_strict(position, return_dtype=pl.Float64))
+            x = [position[c] for c in sub["column"].to_list()]
+            y = [100 * v for v in sub["difference"].to_list()]
+            low = [100 * (d - l) if l is not None and not math.isnan(l) else 0 for d, l in zip(sub["difference"].to_list(), sub["ci_low"].to_list())]
+            high = [100 * (h - d) if h is not None and not math.isnan(h) else 0 for d, h in zip(sub["difference"].to_list(), sub["ci_high"].to_list())]
+            ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=method)
+        ax.axhline(0, color="k", lw=0.8)
+        if not numeric_x:
+            ax.set_xticks(range(len(columns)), columns, rotation=20, fontsize=8)
+        ax.set(xlabel=by or "split", ylabel=f"mIoU minus {reference} (points, 95% CI)")
+        ax.set_title(t.title.replace(", ", "\n", 2), fontsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def leaderboard(
+    root: str | Path, fmt: str = "markdown", by: str | None = None, reference: str = BASELINE, figure: str | Path | None = None,
+    differences: str | Path | None = None,
+) -> str:
     """The tables of every record under `root`; `figure`: also draw the critical-difference
-    figure there (when there are two or more protocols or splits to rank across)."""
+    figure there (when there are two or more protocols or splits to rank across);
+    `differences`: the paired differences to the reference against the columns."""
     frame, others = load_rows(root, by)
     tables = build_tables(frame, reference)
+    if differences is not None:
+        if not tables:
+            raise ValueError("no complete runs to draw differences from")
+        plot_differences(tables, differences, reference, by)
     if figure is not None:
         ranking = rank_across(tables)
         if ranking is None:

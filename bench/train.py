@@ -363,8 +363,8 @@ class Trainer:
         lab = LabeledSet(self.source, self.split.labeled, cfg.crop, scale, cfg.seed)
         loaders = [iteration_loader(lab, cfg.batch_size, stream=1, **args)]
         if self.framework.semi_supervised:
-            unl = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, UNLABELED, cfg.csl_mask_view)
-            mix = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, MIX)
+            unl = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, UNLABELED, cfg.csl_mask_view, cfg.blur_sigma)
+            mix = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, MIX, blur_sigma=cfg.blur_sigma)
             loaders += [iteration_loader(unl, cfg.u_batch_size, stream=UNLABELED, **args), iteration_loader(mix, cfg.u_batch_size, stream=MIX, **args)]
         return loaders
 

@@ -140,3 +140,15 @@ def test_other_formats(runs, fmt, marker):
         assert float(rows["csl"]["p"]) == pytest.approx(0.0942, abs=1e-4) and rows["csl"]["n"] == "3"
         assert float(rows["csl"]["difference"]) == pytest.approx(0.08 / 3) and rows["csl"]["verdict"] == "no detectable difference"
         assert float(rows["csl"]["recall"]) == pytest.approx(0.71) and rows["supervised"]["precision"] == ""
+
+
+def test_by_budget_gives_one_table_and_the_difference_figure(tmp_path):
+    for iters, gain in ((100, 0.01), (300, 0.05)):
+        for seed in range(3):
+            write(tmp_path, f"f{iters}-{seed}", 0.40 + gain + seed / 100 + (seed == 1) / 200, seed, selector="fixed", iters=iters)
+            write(tmp_path, f"s{iters}-{seed}", 0.40 + seed / 100, seed, framework="supervised", iters=iters)
+    text = leaderboard(tmp_path, by="iters", reference="supervised", differences=tmp_path / "gain.png")
+    assert text.count("### dataset=") == 1 and "val mIoU 100" in text and "val mIoU 300" in text
+    # fixed - supervised per seed: gain, gain + 0.5, gain points -> mean gain + 1/6 point
+    assert "| fixed |" in text and "+1.2 [" in text and "+5.2 [" in text
+    assert (tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG"

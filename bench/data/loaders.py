@@ -62,9 +62,9 @@ class UnlabeledSet(Dataset):
     truth, read only by the selection-quality meter. With `mask_view`, also the CSL masking
     view (mild jitter to be hidden, or an ordinary strong view) and which of the two."""
 
-    def __init__(self, source: Source, entries: list[Entry], crop: int, scale, seed: int, stream: int, mask_view: bool = False):
+    def __init__(self, source: Source, entries: list[Entry], crop: int, scale, seed: int, stream: int, mask_view: bool = False, blur_sigma=T.BLUR_SIGMA):
         self.source, self.entries, self.crop, self.scale = source, entries, crop, scale
-        self.seed, self.stream, self.mask_view = seed, stream, mask_view
+        self.seed, self.stream, self.mask_view, self.blur_sigma = seed, stream, mask_view, tuple(blur_sigma)
 
     def __len__(self):
         return len(self.entries)
@@ -76,8 +76,8 @@ class UnlabeledSet(Dataset):
         image, gt, inside = T.weak(image, gt, self.crop, self.scale, g)
         item = {
             "weak": T.normalize(image),
-            "strong1": T.normalize(T.strong(image, g)),
-            "strong2": T.normalize(T.strong(image, g)),
+            "strong1": T.normalize(T.strong(image, g, self.blur_sigma)),
+            "strong2": T.normalize(T.strong(image, g, self.blur_sigma)),
             "box1": T.cutmix_box(self.crop, g),
             "box2": T.cutmix_box(self.crop, g),
             "valid": inside,
@@ -85,7 +85,7 @@ class UnlabeledSet(Dataset):
         }
         if self.mask_view:
             hide = T.chance(g, 0.5)
-            item["masked"] = T.normalize(T.mild(image, g) if hide else T.strong(image, g))
+            item["masked"] = T.normalize(T.mild(image, g, self.blur_sigma) if hide else T.strong(image, g, self.blur_sigma))
             item["hide"] = torch.tensor(hide)
         return item
 

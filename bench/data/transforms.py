@@ -94,25 +94,28 @@ def colour_jitter(image: Tensor, g: torch.Generator, strength: tuple[float, floa
     return image.clamp(0, 1)
 
 
-def blur(image: Tensor, g: torch.Generator, p: float) -> Tensor:
+BLUR_SIGMA = (0.1, 2.0)  # UniMatch's range, sized for 321-801 px crops
+
+
+def blur(image: Tensor, g: torch.Generator, p: float, sigma_range: tuple[float, float] = BLUR_SIGMA) -> Tensor:
     if not chance(g, p):
         return image
-    sigma = uniform(g, 0.1, 2.0)
+    sigma = uniform(g, *sigma_range)
     k = max(3, 2 * math.ceil(2 * sigma) + 1)
     return TF.gaussian_blur(image, kernel_size=[k, k], sigma=[sigma, sigma])
 
 
-def strong(image: Tensor, g: torch.Generator) -> Tensor:
+def strong(image: Tensor, g: torch.Generator, blur_sigma: tuple[float, float] = BLUR_SIGMA) -> Tensor:
     """Photometric strong view (UniMatch): colour jitter p=0.8, grayscale p=0.2, blur p=0.5."""
     image = colour_jitter(image, g, (0.5, 0.5, 0.5, 0.25), p=0.8)
     if chance(g, 0.2):
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
-    return blur(image, g, p=0.5)
+    return blur(image, g, p=0.5, sigma_range=blur_sigma)
 
 
-def mild(image: Tensor, g: torch.Generator) -> Tensor:
+def mild(image: Tensor, g: torch.Generator, blur_sigma: tuple[float, float] = BLUR_SIGMA) -> Tensor:
     """The CSL masking view's mild photometric change: jitter 0.2 (p=0.8), blur p=0.5."""
-    return blur(colour_jitter(image, g, (0.2, 0.2, 0.2, 0.2), p=0.8), g, p=0.5)
+    return blur(colour_jitter(image, g, (0.2, 0.2, 0.2, 0.2), p=0.8), g, p=0.5, sigma_range=blur_sigma)
 
 
 def cutmix_box(size: int, g: torch.Generator, p: float = 0.5) -> Tensor:
