@@ -42,7 +42,7 @@ NON_RESULT_KEYS = (
 )
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
-HASHED_UNLESS_DEFAULT = {"replicas": 1, "eval_split": "val", "resize": None, "blur_sigma": [0.1, 2.0]}
+HASHED_UNLESS_DEFAULT = {"sum_losses": False, "replicas": 1, "eval_split": "val", "resize": None, "blur_sigma": [0.1, 2.0]}
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -92,6 +92,7 @@ class TrainConfig:
     mask_ratio: float = 0.7
     ema_teacher: bool = False
     ema_momentum: float = 0.999
+    sum_losses: bool = False  # loss = x + u (FixMatch) instead of UniMatch's (x + u) / 2, which halves the labelled step
     normaliser: str = "valid"  # valid: sum(w CE)/#valid ; selected: sum(w CE)/sum(w)
     iters: int = 1000
     lr: float = 0.01

@@ -82,7 +82,7 @@ def fixmatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
 
     loss_x = supervised_loss(pred_x, y)
     loss_s = pseudo_label_loss(pred_s, target_u.paste(target_mix, u.box1), cfg.normaliser)
-    return StepOut((loss_x + loss_s) / 2, {"loss_x": loss_x, "loss_s": loss_s}, selection, valid)
+    return StepOut(combine(loss_x, loss_s, cfg), {"loss_x": loss_x, "loss_s": loss_s}, selection, valid)
 
 
 def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> StepOut:
@@ -108,7 +108,7 @@ def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
     loss_s1 = pseudo_label_loss(pred_s1, target1, cfg.normaliser)
     loss_s2 = pseudo_label_loss(pred_s2, target2, cfg.normaliser)
     loss_fp = pseudo_label_loss(pred_fp, target_u, cfg.normaliser)
-    loss = (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp) / 2
+    loss = combine(loss_x, 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp, cfg)
     # "loss_s" (not "loss_s1") keeps the curve names of FixMatch and of earlier records
     return StepOut(loss, {"loss_x": loss_x, "loss_fp": loss_fp, "loss_s": loss_s1, name2: loss_s2}, selection, valid)
 
@@ -162,6 +162,12 @@ def mc_logits(model, weak: Tensor, passes: int) -> Tensor:
     out = torch.stack([model(weak, stochastic=True).float() for _ in range(passes)])
     model.train(was_training)
     return out
+
+
+def combine(loss_x: Tensor, loss_u: Tensor, cfg) -> Tensor:
+    """UniMatch averages the labelled and unlabelled losses, which halves the labelled step
+    against a supervised run at the same lr; `sum_losses` adds them (FixMatch's x + u)."""
+    return loss_x + loss_u if cfg.sum_losses else (loss_x + loss_u) / 2
 
 
 def cutmix(images: Tensor, source: Tensor, box: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ splits, methods are ranked across them (Friedman, Nemenyi's critical difference)
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -80,6 +81,13 @@ def split_label(cfg: dict) -> str:
     return f"{cfg['labeled']} labels" if cfg["split"] == "default" else cfg["split"]
 
 
+def _fingerprint(value) -> str | None:
+    """One string for a record's split hashes (a mapping of file -> sha256)."""
+    if value is None or isinstance(value, str):
+        return value
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def record_row(record: dict, path: Path, by: str | None = None) -> dict:
     cfg = record["config"]
     final = record.get("final") or {}
@@ -100,7 +108,7 @@ def record_row(record: dict, path: Path, by: str | None = None) -> dict:
         "method": method_label(cfg, by),
         "seed": cfg["seed"],
         # what makes two runs of one seed a pair: the labelled split and the warm start
-        "split_sha": (record.get("splits") or {}).get("sha256"),
+        "split_sha": _fingerprint((record.get("splits") or {}).get("sha256")),
         "warm_start": cfg.get("init_from_hash"),
         "miou": final.get("miou"),
         "miou_best_val": final.get("miou_best_val"),

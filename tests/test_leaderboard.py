@@ -80,8 +80,9 @@ def test_another_reference_method(runs):
 
 def test_seeds_pair_only_with_the_same_split_and_warm_start(tmp_path):
     for seed, (f, c) in enumerate([(0.50, 0.53), (0.52, 0.56), (0.54, 0.55)]):
-        write(tmp_path, f"fixed-{seed}", f, seed, selector="fixed", splits={"sha256": "s"}, init_from_hash="w")
-        clash = {"sha256": "other"} if seed == 2 else {"sha256": "s"}
+        split = {"sha256": {"labeled.txt": "a", "unlabeled.txt": "b", "generator": "synthetic v2"}}
+        write(tmp_path, f"fixed-{seed}", f, seed, selector="fixed", splits=split, init_from_hash="w")
+        clash = {"sha256": {**split["sha256"], "generator": "synthetic v1"}} if seed == 2 else split
         write(tmp_path, f"csl-{seed}", c, seed, selector="csl", splits=clash, init_from_hash="w")
     text = leaderboard(tmp_path)
     assert "| +3.5 [" in text and "(2) |" in text  # seeds 0 and 1 only: 3 and 4 points

@@ -46,7 +46,8 @@ def test_tiny_run_writes_a_complete_record(tmp_path, extra):
     for key in ("config", "config_hash", "splits", "git_sha", "versions", "device", "curves", "final", "cost"):
         assert key in on_disk
     assert on_disk["config"]["iters"] == 6 and on_disk["config_hash"] == cfg.hash()
-    assert set(on_disk["splits"]["sha256"]) == {"labeled.txt", "unlabeled.txt", "val.txt"}
+    assert set(on_disk["splits"]["sha256"]) == {"labeled.txt", "unlabeled.txt", "val.txt", "generator"}
+    assert on_disk["splits"]["sha256"]["generator"] == "synthetic v2"  # generated images: the ids alone do not name them
     # log_every=2, eval_every=3: an evaluation is logged at the iteration it was measured
     assert [c["iter"] for c in on_disk["curves"]] == [2, 3, 4, 6]
     assert [c["iter"] for c in on_disk["curves"] if "val_miou" in c] == [3, 6]

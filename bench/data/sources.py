@@ -45,6 +45,7 @@ class Source:
     name = "?"
     num_classes = 0
     needs_root = True
+    generator: str | None = None  # for generated data: which generator made the images
 
     def __init__(self, root: str | Path | None, resize: tuple[int, int] | None = None):
         # Every image and mask resized at load (bilinear / nearest) to (height, width): a
@@ -133,6 +134,7 @@ class SyntheticSource(Source):
     name = "synthetic"
     num_classes = synthetic.NUM_CLASSES
     needs_root = False
+    generator = synthetic.GENERATOR
     seed = 0
 
     def parse_line(self, line: str, where: str) -> Entry:

@@ -95,6 +95,8 @@ def load_split(source: Source, split_dir: str | Path, split: str, labeled: int, 
         )
     if eval_split == "test":
         result.test = _test_entries(source, folder, result)
+    if source.generator:  # generated images: the ids alone do not say which images they are
+        result.sha256["generator"] = source.generator
     overlap = {e.image for e in result.labeled} & {e.image for e in result.val}
     if overlap:
         raise DataError(f"split {result.origin}: {len(overlap)} validation images are also labelled, e.g. {sorted(overlap)[0]}")
