@@ -28,7 +28,7 @@ import polars as pl
 from scipy import stats
 
 from bench.records import RECORD, describe_error
-from bench.statistics import Ranking, compare_paired, holm, rank_methods, verdict
+from bench.statistics import ALPHA, Ranking, compare_paired, holm, minimum_detectable_difference, rank_methods, verdict
 
 GROUP_KEYS = ("dataset", "protocol", "backbone", "budget", "framework", "normaliser", "eval_split")
 SHARED_KEYS = GROUP_KEYS[:4] + ("eval_split",)  # what a supervised-only run must share to join a group
@@ -109,7 +109,8 @@ def record_row(record: dict, path: Path, by: str | None = None) -> dict:
         "seed": cfg["seed"],
         # what makes two runs of one seed a pair: the labelled split and the warm start
         "split_sha": _fingerprint((record.get("splits") or {}).get("sha256")),
-        "warm_start": cfg.get("init_from_hash"),
+        # a stored None means "trained from scratch" (the key has always been in configs)
+        "warm_start": (cfg.get("init_from_hash") or "none") if "init_from_hash" in cfg else None,
         "miou": final.get("miou"),
         "miou_best_val": final.get("miou_best_val"),
         "precision": sel.get("precision"),
@@ -228,13 +229,31 @@ def _comparisons(members: pl.DataFrame, methods: list[str], column: str, referen
         if unpaired:
             notes.append(f"{m} vs {reference}{where}: not paired: {', '.join(unpaired)}")
     names = list(results)
+    tests = sum(1 for m in names if not math.isnan(results[m]["comparison"].p))
     for m, adjusted in zip(names, holm([results[m]["comparison"].p for m in names])):
+        cmp = results[m]["comparison"]
         results[m]["p_holm"] = adjusted
-        results[m]["verdict"] = verdict(results[m]["comparison"], adjusted)
+        results[m]["verdict"] = verdict(cmp, adjusted)
+        # detectable by Holm's strictest step (alpha / m): what "no detectable difference" can rule out
+        results[m]["mde"] = minimum_detectable_difference(cmp.sd, cmp.n, ALPHA / max(tests, 1))
     return results, notes
 
 
+def _refuse_duplicates(members: pl.DataFrame) -> None:
+    """Two runs of one method and seed in one cell would be averaged as if they were seeds
+    (another generator, learning rate, ... that the table does not group by): an error."""
+    twice = members.group_by("method", "column", "seed").agg(pl.col("run")).filter(pl.col("run").list.len() > 1)
+    if twice.height:
+        r = twice.row(0, named=True)
+        raise ValueError(
+            f"{twice.height} (method, seed) cells hold more than one run, e.g. {r['method']} seed {r['seed']}: "
+            f"{', '.join(r['run'][:2])}; they differ in a key this table does not group by: pivot it with "
+            "--by KEY (e.g. --by lr), or give the leaderboard one sweep's folder"
+        )
+
+
 def _group_table(group: dict, members: pl.DataFrame, reference: str = BASELINE) -> Table:
+    _refuse_duplicates(members)
     columns = sorted(members["column"].unique().to_list(), key=_natural)
     per_cell = (
         members.group_by("method", "column")
@@ -282,12 +301,12 @@ def _group_table(group: dict, members: pl.DataFrame, reference: str = BASELINE) 
                 interval = "" if math.isnan(cmp.low) else f" [{_signed(cmp.low)}, {_signed(cmp.high)}]"
                 row.append(f"{_signed(cmp.difference)}{interval} ({cmp.n})" if cmp.n else "–")
                 row.append("–" if math.isnan(result["p_holm"]) else f"{result['p_holm']:.3f}")
-                row.append(_fmt(cmp.mde, 100))
+                row.append(_fmt(result["mde"], 100))
                 row.append(result["verdict"])
                 numeric_rows.append(
                     {
                         "method": m, "column": c, "reference": reference, "pairs": cmp.n, "difference": cmp.difference,
-                        "ci_low": cmp.low, "ci_high": cmp.high, "p": cmp.p, "p_holm": result["p_holm"], "mde": cmp.mde,
+                        "ci_low": cmp.low, "ci_high": cmp.high, "p": cmp.p, "p_holm": result["p_holm"], "mde": result["mde"],
                         "verdict": result["verdict"],
                     }
                 )
@@ -327,9 +346,10 @@ def _natural(text: str):
 
 
 LEGEND = (
-    "Δ: method minus {reference} in mIoU points, mean over paired seeds with its 95% t interval (pairs); "
-    "p (Holm): two-sided paired t-test, adjusted across the methods of the table; MDE: the true difference "
-    "the seeds detect with 80% power at α = 0.05; verdict: better / worse where the adjusted p < 0.05."
+    "Δ: method minus {reference} in mIoU points, mean over paired seeds with its 95% t interval (pairs; the "
+    "interval is not adjusted for multiplicity); p (Holm): two-sided paired t-test, adjusted across the methods "
+    "of the column; MDE: the true difference the seeds detect with 80% power at α = 0.05 / m (m comparisons in "
+    "the column, Holm's strictest step); verdict: better / worse where the adjusted p < 0.05."
 )
 
 
@@ -363,7 +383,7 @@ def render_ranking(ranking: Ranking, fmt: str = "markdown") -> str:
     return f"<h3>Mean rank</h3><table><tbody>{items}</tbody></table><p>{html.escape(summary)}</p>"
 
 
-def render(tables: list[Table], others: pl.DataFrame, fmt: str = "markdown", reference: str = BASELINE) -> str:
+def render(tables: list[Table], others: pl.DataFrame, fmt: str = "markdown", reference: str = BASELINE, rank: bool = True) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "csv":
@@ -375,7 +395,7 @@ def render(tables: list[Table], others: pl.DataFrame, fmt: str = "markdown", ref
     else:
         legend = LEGEND.format(reference=reference)
         parts.append({"latex": f"% {legend}", "html": f"<p>{html.escape(legend)}</p>"}.get(fmt, legend))
-    ranking = rank_across(tables)
+    ranking = rank_across(tables) if rank else None  # blocks: protocols and splits, not values of a pivoted key
     if ranking is not None:
         parts.append(render_ranking(ranking, fmt))
     if others.height:
@@ -394,7 +414,7 @@ def _render_table(t: Table, fmt: str) -> str:
         if fmt == "markdown":
             return f"**{text}**" if bold else text
         if fmt == "latex":
-            text = text.replace("±", r"$\pm$").replace("_", r"\_").replace("%", r"\%")
+            text = text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("_", r"\_").replace("%", r"\%")
             return rf"\textbf{{{text}}}" if bold else text
         text = html.escape(text)
         return f"<b>{text}</b>" if bold else text
@@ -406,7 +426,7 @@ def _render_table(t: Table, fmt: str) -> str:
         lines += [""] + [f"- {note}" for note in t.notes] if t.notes else []
         return "\n".join(lines)
     if fmt == "latex":
-        head = " & ".join(cell(h, False) for h in t.header)
+        head = " & ".join(cell(h, False) for h in t.header)  # cell() escapes the header too
         lines = [f"% {t.title}", r"\begin{tabular}{l" + "r" * (len(t.header) - 1) + "}", r"\toprule", head + r" \\", r"\midrule"]
         lines += [" & ".join(r) + r" \\" for r in body]
         lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {note}" for note in t.notes]
@@ -463,10 +483,10 @@ def leaderboard(
             raise ValueError("no complete runs to draw differences from")
         plot_differences(tables, differences, reference, by)
     if figure is not None:
-        ranking = rank_across(tables)
+        ranking = rank_across(tables) if by is None else None
         if ranking is None:
             raise ValueError("a critical-difference figure needs two or more protocols or splits with two shared methods")
         from bench.statistics import plot_critical_difference
 
         plot_critical_difference(ranking, figure)
-    return render(tables, others, fmt, reference)
+    return render(tables, others, fmt, reference, rank=by is None)

@@ -111,10 +111,14 @@ def test_download_verifies_unpacks_and_checks_the_layout(server, tmp_path):
     assert summary["archives"]["SegNet.zip"]["sha256"] == sha
     assert json.loads((root / DONE).read_text()) == summary
     assert len(get_source("camvid", root).pool("test")) == 1
-    assert [p.name for p in tmp_path.iterdir() if "unpacking" in p.name] == []  # staging removed
+    assert [p.name for p in root.iterdir() if "unpacking" in p.name] == []  # staging removed
     # a finished root is left alone: no second request
     requests = len(server.ranges)
     assert download(recipe(server, tmp_path, files), root, progress=False) == summary and len(server.ranges) == requests
+    import dataclasses
+
+    with pytest.raises(DownloadError, match="already holds a finished download of 'camvid'; choose another --root for pascal"):
+        download(dataclasses.replace(recipe(server, tmp_path, files), dataset="pascal"), root, progress=False)
 
 
 def test_an_interrupted_download_continues_where_it_stopped(server, tmp_path):
@@ -139,12 +143,14 @@ def test_a_corrupt_archive_is_a_clear_error_and_leaves_nothing_that_looks_done(s
     with pytest.raises(DownloadError, match=f"SegNet.zip from {server.url} is corrupt: sha256 [0-9a-f]{{64}}, expected {wrong}.*deleted"):
         download(recipe(server, tmp_path, files, checksum=f"sha256:{wrong}"), tmp_path / "camvid", cache=cache, progress=False)
     assert list(cache.iterdir()) == []  # neither the archive nor a part to resume from
-    assert not (tmp_path / "camvid").exists()
-    # an HTML page instead of an archive (no published checksum): refused by its format
+    root = tmp_path / "camvid"
+    assert not (root / DONE).exists() and not (root / "train").exists() and [p.name for p in root.iterdir()] == []
+    # an HTML page instead of an archive (no published checksum): refused by its format, and
+    # deleted so that the next run fetches it again
     server.body = b"<html>rate limited</html>"
     with pytest.raises(DownloadError, match="neither a zip nor a tar"):
-        download(recipe(server, tmp_path, files), tmp_path / "camvid", cache=tmp_path / "cache2", progress=False)
-    assert not (tmp_path / "camvid").exists()
+        download(recipe(server, tmp_path, files), root, cache=tmp_path / "cache2", progress=False)
+    assert not (root / DONE).exists() and not (root / "train").exists() and list((tmp_path / "cache2").iterdir()) == []
 
 
 def test_files_that_fail_the_manifest_stop_before_the_root_is_touched(server, tmp_path):
@@ -153,14 +159,16 @@ def test_files_that_fail_the_manifest_stop_before_the_root_is_touched(server, tm
     server.body, _ = camvid_zip(extra={"train/a.png": png(99, "RGB")})  # one image replaced
     with pytest.raises(DownloadError, match="1 of 8 files fail the manifest, the first: train/a.png differs"):
         download(good, tmp_path / "camvid", progress=False)
-    assert not (tmp_path / "camvid").exists()
+    root = tmp_path / "camvid"
+    assert not (root / DONE).exists() and not (root / "train").exists()
+    assert list((root / ".cslbench-archives").iterdir()) == []  # no checksum vouches for it: fetched again next time
 
 
 def test_members_leaving_the_root_are_refused(server, tmp_path):
     server.body, files = camvid_zip(extra={f"{PREFIX}/../../evil.txt": b"x"})
     with pytest.raises(DownloadError, match="outside the data root"):
         download(recipe(server, tmp_path, files), tmp_path / "camvid", progress=False)
-    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "camvid").exists()
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "camvid" / "train").exists()
 
 
 def test_cli_prints_the_steps_for_datasets_behind_a_login(tmp_path):

@@ -58,10 +58,11 @@ def test_means_differences_holm_and_verdicts_by_hand(runs):
     row = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     assert row["supervised"][5] == "worse" and row["csl"][5] == "no detectable difference"
     # MDE: the difference the 3 seeds detect with 80% power, from the observed spread (simulated check
-    # of the power calculation in test_statistics); it scales with sd
+    # of the power calculation in test_statistics), at alpha / 2 for the table's two comparisons
     from bench.statistics import minimum_detectable_difference
 
-    assert row["csl"][4] == f"{100 * minimum_detectable_difference(sd / 100, 3):.1f}"
+    assert row["csl"][4] == f"{100 * minimum_detectable_difference(sd / 100, 3, alpha=0.025):.1f}"
+    assert minimum_detectable_difference(sd / 100, 3, alpha=0.025) > minimum_detectable_difference(sd / 100, 3)
     # the other columns: best-val = miou + 1 point, wall s = 100 + seed -> 101 on average;
     # csl recall 70, 71, 72 -> 71.0; bold marks the best per column (higher precision and
     # recall; coverage is not ranked)
@@ -153,3 +154,20 @@ def test_by_budget_gives_one_table_and_the_difference_figure(tmp_path):
     # fixed - supervised per seed: gain, gain + 0.5, gain points -> mean gain + 1/6 point
     assert "| fixed |" in text and "+1.2 [" in text and "+5.2 [" in text
     assert (tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_runs_of_one_seed_in_a_cell_are_an_error_not_two_seeds(tmp_path):
+    for seed in range(2):
+        write(tmp_path / "a", f"fixed-{seed}", 0.5, seed, selector="fixed")
+        write(tmp_path / "b", f"fixed-{seed}", 0.4, seed, selector="fixed", lr=0.02)  # another recipe, same label
+    with pytest.raises(ValueError, match="2 .method, seed. cells hold more than one run.*--by KEY"):
+        leaderboard(tmp_path)
+    assert "mIoU 0.01" in leaderboard(tmp_path, by="lr") and "mIoU 0.02" in leaderboard(tmp_path, by="lr")
+
+
+def test_a_cold_start_does_not_pair_with_a_warm_start(tmp_path):
+    for seed in range(3):
+        write(tmp_path, f"fixed-{seed}", 0.5 + seed / 100, seed, selector="fixed", init_from_hash=f"w{seed}")
+        write(tmp_path, f"sup-{seed}", 0.4, seed, framework="supervised")  # from scratch: init_from_hash None
+    text = leaderboard(tmp_path)
+    assert "supervised vs fixed: not paired: seed 0 (warm start differs)" in text and "too few seeds" in text

@@ -1,10 +1,10 @@
 """Datasets in one command, for users with a network: download, verify, unpack, check.
 
-Nothing half-done looks done. An archive downloads to `<name>.part` and continues from
-where it stopped (HTTP Range); it is renamed only after its checksum matches. It unpacks
-into a temporary folder beside the root and moves into place file by file only when the
-unpacked files match the manifest; the root's layout is then checked by the dataset's own
-loader, and `.cslbench-download.json` is written last. A corrupt archive is deleted (a
+Nothing half-done looks done. An archive downloads to `<root>/.cslbench-archives/<name>.part`
+and continues from where it stopped (HTTP Range); it is renamed only after its checksum
+matches. It unpacks into a staging folder inside the root and moves into place only when
+the unpacked files match the manifest; the root's layout is then checked by the dataset's
+own loader, and `.cslbench-download.json` is written last. A corrupt archive is deleted (a
 resumed download would keep it) and the error names what was expected and what came.
 
 Where no checksum is published (GitHub's generated archives are not byte-stable), the
@@ -15,6 +15,7 @@ manifest of the reference copy instead.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -155,7 +156,7 @@ def _download(url: str, part: Path, progress: bool) -> None:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
-            except (OSError, urllib.error.URLError) as exc:
+            except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:  # a dropped connection
                 raise DownloadError(f"download of {url} stopped at {out.tell()} bytes ({exc}); rerun to continue from there") from None
     if total is not None and part.stat().st_size < total:
         raise DownloadError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; rerun to continue from there")
@@ -186,7 +187,7 @@ def _members(archive_path: Path):
                 if info.isdir() or info.isfile():
                     yield info.name, info.isdir(), lambda info=info, t=t: t.extractfile(info)
     else:
-        raise DownloadError(f"{archive_path} is neither a zip nor a tar archive (a failed download saved as HTML?); delete it and rerun")
+        raise DownloadError(f"{archive_path} is neither a zip nor a tar archive (a failed download saved as HTML?); rerun to download it again")
 
 
 def unpack(archive: Archive, archive_path: Path, staging: Path) -> int:
@@ -210,10 +211,21 @@ def unpack(archive: Archive, archive_path: Path, staging: Path) -> int:
                 shutil.copyfileobj(src, dst, CHUNK)
             written += 1
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise DownloadError(f"{archive_path.name} cannot be unpacked ({exc}); delete it and rerun to download it again") from None
+        raise DownloadError(f"{archive_path.name} cannot be unpacked ({exc}); rerun to download it again") from None
     if not written:
         raise DownloadError(f"{archive_path.name} holds nothing under {archive.strip or '/'}{' in ' + str(archive.keep) if archive.keep else ''}: not the expected archive")
     return written
+
+
+def _unpack_or_discard(archive: Archive, path: Path, staging: Path) -> None:
+    """Unpack; an archive that cannot be unpacked and has no published checksum to vouch
+    for it is deleted, so the next run fetches it again instead of failing the same way."""
+    try:
+        unpack(archive, path, staging)
+    except DownloadError:
+        if archive.checksum is None:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def check_manifest(recipe: Recipe, folder: Path) -> int:
@@ -249,25 +261,37 @@ def download(recipe: Recipe, root: str | Path, cache: str | Path | None = None, 
     root = Path(root).expanduser().absolute()
     done = root / DONE
     if done.is_file():
-        return json.loads(done.read_text())
-    cache = Path(cache) if cache else root.parent / f".{root.name}-downloads"
+        summary = json.loads(done.read_text())
+        if summary.get("dataset") != recipe.dataset:
+            raise DownloadError(f"{root} already holds a finished download of {summary.get('dataset')!r}; choose another --root for {recipe.dataset}")
+        return summary
+    cache = Path(cache) if cache else root / ".cslbench-archives"
     archives = {}
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-unpacking-", dir=_mkdir(root.parent)))
     try:
-        for archive in recipe.archives:
-            path = fetch(archive, cache, progress)
-            archives[archive.name] = {"url": archive.url, "sha256": _digest(path, "sha256"), "published_checksum": archive.checksum}
-            print(f"{archive.name}: sha256 {archives[archive.name]['sha256']}" + ("" if archive.checksum else " (no published checksum: the files are checked instead)"))
-            unpack(archive, path, staging)
-        checked = check_manifest(recipe, staging)
-        root.mkdir(parents=True, exist_ok=True)
-        for item in sorted(staging.iterdir()):
-            destination = root / item.name
-            if destination.exists():
-                shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-            os.replace(item, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # staged inside the root (same file system, writable wherever the root is)
+        staging = Path(tempfile.mkdtemp(prefix=".cslbench-unpacking-", dir=_mkdir(root)))
+        try:
+            for archive in recipe.archives:
+                path = fetch(archive, cache, progress)
+                archives[archive.name] = {"url": archive.url, "sha256": _digest(path, "sha256"), "published_checksum": archive.checksum}
+                print(f"{archive.name}: sha256 {archives[archive.name]['sha256']}" + ("" if archive.checksum else " (no published checksum: the files are checked instead)"))
+                _unpack_or_discard(archive, path, staging)
+            try:
+                checked = check_manifest(recipe, staging)
+            except DownloadError:
+                for archive in recipe.archives:
+                    if archive.checksum is None:  # nothing else vouches for it: fetch it again next time
+                        (cache / archive.name).unlink(missing_ok=True)
+                raise
+            for item in sorted(staging.iterdir()):
+                destination = root / item.name
+                if destination.exists():
+                    shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
+                os.replace(item, destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot write the dataset into {root}: {exc}") from None
     sizes = check_layout(recipe.dataset, root)
     summary = {"dataset": recipe.dataset, "archives": archives, "files_checked": checked, "images": sizes, "note": recipe.note}
     from bench.records import atomic_write_text
