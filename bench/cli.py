@@ -199,10 +199,16 @@ def cmd_sweep(args) -> None:
     except (SweepError, OSError) as exc:  # OSError: the storage folder cannot be written
         raise SystemExit(f"error: {exc}")
     print(f"\ntrials in {outcome.trials_dir}\n")
-    print(leaderboard(outcome.trials_dir), end="")
+    table_error = None
+    try:
+        print(leaderboard(outcome.trials_dir), end="")
+    except ValueError as exc:  # e.g. two runs in one cell: the records are kept, the table is not drawn
+        table_error = exc
     if not outcome.ok:
         print(f"\n{outcome.summary()}", file=sys.stderr)
         raise SystemExit(f"sweep {sweep.name}: {len(outcome.failed)} failed, {len(outcome.skipped)} skipped (records in {outcome.trials_dir.parent})")
+    if table_error is not None:
+        raise SystemExit(f"sweep {sweep.name}: every trial done (records in {outcome.trials_dir}), but no leaderboard: {table_error}")
 
 
 def cmd_select_eval(args) -> None:
