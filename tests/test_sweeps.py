@@ -380,7 +380,7 @@ def test_asha_search_runs_sampled_trials(tmp_path):
 # Slow: kill -9 at several points, moved storage, stale trials rerun (pytest -m slow)
 # --------------------------------------------------------------------------------------
 KILLABLE = TINY.replace("  iters: 4\n", "  iters: 6\n") + "warm_start: {iters: 8}\n"
-RESULT_COLUMNS = ("method", "column", "mean", "std", "n", "p_vs_fixed", "miou_best_val", "precision", "recall", "coverage")
+RESULT_COLUMNS = ("method", "column", "mean", "std", "n", "difference", "p", "p_holm", "miou_best_val", "precision", "recall", "coverage")
 
 
 def leaderboard_numbers(trials: Path):
