@@ -39,6 +39,11 @@ BUILTIN_MODULES = (
     "methods.ael",
     "methods.daw",
     "methods.covar",
+    "methods.s4mc",
+    "methods.semivl",
+    "methods.corrmatch",
+    "methods.cwbass",
+    "methods.csa",
     "csl.selector",
 )
 # Everything a trainer may hand a selector. Unlabeled ground truth is deliberately absent:

@@ -3,7 +3,8 @@
 A sweep file names its protocol, a `base` of config overrides shared by every trial, a
 list of `methods` (each a named set of overrides), a `grid` of keys whose lists multiply
 (seeds, label counts, ...), the per-trial `resources`, and optionally a `warm_start`
-(one supervised run per seed that every trial then starts from) and a `search` block
+(one supervised run per seed that every trial then starts from, or with `seed:` one run
+shared by every trial) and a `search` block
 (ASHA at reduced budget, for hyper-parameter search only). Every key is checked before
 anything runs; an unknown key names the closest valid one.
 
@@ -59,7 +60,18 @@ class Resources:
 
 @dataclass
 class WarmStart:
-    iters: int = 600  # supervised iterations per seed before every trial
+    iters: int = 600  # supervised iterations before every trial
+    # None: one warm start per seed (seeds vary the whole run). A number: one warm start,
+    # with that seed, shared by every trial; seeds then vary only what follows it, so the
+    # comparison is conditional on that one model (cheaper, and less spread).
+    seed: int | None = None
+    cpu: float | None = None  # CPUs (threads) per warm-start trial; default: resources.cpu
+
+    def seeds(self, trial_seeds: list) -> list:
+        return list(trial_seeds) if self.seed is None else [self.seed]
+
+    def label(self, trial_seed) -> str:
+        return f"warmup-seed={trial_seed if self.seed is None else self.seed}"
 
 
 @dataclass
@@ -85,14 +97,15 @@ class Sweep:
     search: Search | None = None
 
     def trials(self) -> list["Trial"]:
-        """Every (method x grid point) as a named trial."""
+        """Every (grid point x method) as a named trial, grid point by grid point, so that a
+        sweep stopped early holds every method of the seeds it reached (complete pairs)."""
         keys = list(self.grid)
         points = list(itertools.product(*(self.grid[k] for k in keys))) or [()]
         out = []
-        for method in self.methods:
-            name = method.get("name")
-            overrides = {k: v for k, v in method.items() if k != "name"}
-            for point in points:
+        for point in points:
+            for method in self.methods:
+                name = method.get("name")
+                overrides = {k: v for k, v in method.items() if k != "name"}
                 values = {**self.base, **overrides}
                 parts = [name]
                 for key, value in zip(keys, point):
@@ -108,9 +121,9 @@ class Sweep:
     def warm_start_trials(self) -> list["Trial"]:
         if self.warm_start is None:
             return []
-        seeds = self.grid.get("seed", [self.base.get("seed", 0)])
+        seeds = self.warm_start.seeds(self.grid.get("seed", [self.base.get("seed", 0)]))
         base = {**self.base, "framework": "supervised", "iters": self.warm_start.iters, "eval_every": self.warm_start.iters}
-        return [Trial(f"warmup-seed={s}", "warmup", {**base, "seed": s}) for s in seeds]
+        return [Trial(self.warm_start.label(s), "warmup", {**base, "seed": s}) for s in seeds]
 
 
 @dataclass
@@ -415,6 +428,19 @@ def connect_ray(address: str | None, verbose: int) -> None:
     ray.init(address=address, **options)
 
 
+def _check_fits(cpu: float, gpu: float, tag: str) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    for name, want, key in (("CPUs", cpu, "CPU"), ("GPUs", gpu, "GPU")):
+        if want > have.get(key, 0):
+            raise SweepError(
+                f"{tag} trials ask for {want:g} {name} but this machine's Ray has {have.get(key, 0):g}: lower "
+                f"{'warm_start.cpu' if tag == 'warmup' and key == 'CPU' else 'resources'} in the sweep file, or join a "
+                "cluster that has them with --address"
+            )
+
+
 def _bootstrap_address(address: str) -> str | None:
     """host:port that --address names (`auto`: the cluster Ray last recorded on this machine)."""
     text = address.removeprefix("ray://")
@@ -451,8 +477,12 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
 
     trials_dir, warm_dir = root / "trials", root / "warmup"
     warm = [(t, t.config(warm_dir, sweep.name)) for t in sweep.warm_start_trials()]
-    init = {t.overrides.get("seed", 0): str(warm_dir / t.label) for t, _ in warm}
-    main = [(t, t.config(trials_dir, sweep.name, init.get(t.overrides.get("seed", 0)) if warm else None)) for t in sweep.trials()]
+    init = {t.label: str(warm_dir / t.label) for t, _ in warm}
+
+    def warm_label(t: Trial) -> str | None:  # the warm start a trial continues from
+        return sweep.warm_start.label(t.overrides.get("seed", 0)) if warm else None
+
+    main = [(t, t.config(trials_dir, sweep.name, init.get(warm_label(t)))) for t in sweep.trials()]
     for _, c in warm + main:  # Ray shows a trial the GPUs it asked for and no others
         if c.device == "auto":
             c.device = "cuda" if sweep.resources.gpu > 0 else "cpu"
@@ -467,9 +497,9 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
             "(finished trials are kept) or choose another --storage"
         )
     stale = stale_trials(warm + main)
-    stale_seeds = {t.overrides.get("seed", 0) for t, _ in warm if t.label in stale}
+    stale_warm = {t.label for t, _ in warm if t.label in stale}
     for t, c in main:  # a changed warm start makes every trial that continues from it stale
-        if warm and t.overrides.get("seed", 0) in stale_seeds and t.label not in stale and trial_state(Path(c.out)) != "new":
+        if warm_label(t) in stale_warm and t.label not in stale and trial_state(Path(c.out)) != "new":
             stale[t.label] = {"warm start": ("stale", "rerun")}
     if stale:
         if not rerun_stale:
@@ -486,17 +516,19 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
                 os.replace(c.out, target)
         print(f"moved {len(stale)} stale trials to {root / 'stale' / stamp}; running them again", flush=True)
 
-    trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
-    threads = max(1, int(sweep.resources.cpu))
     outcome = Outcome(trials_dir)
 
-    def stage(trials: list[tuple[Trial, TrainConfig]], tag: str) -> None:
+    def stage(trials: list[tuple[Trial, TrainConfig]], tag: str, cpu: float) -> None:
         todo = [(t, c) for t, c in trials if trial_state(Path(c.out)) != "complete"]
         if not todo:
             return
-        connect_ray(address or os.environ.get("RAY_ADDRESS"), verbose)  # only when there is work
+        ray_address = address or os.environ.get("RAY_ADDRESS")
+        connect_ray(ray_address, verbose)  # only when there is work
+        if not ray_address:  # a private Ray never grows: a trial bigger than it would wait forever
+            _check_fits(cpu, sweep.resources.gpu, tag)
         print(f"{sweep.name} {tag}: {len(todo)} trials to run ({len(trials) - len(todo)} already complete)", flush=True)
-        configs = [{"config": c.to_dict(), "threads": threads, "label": t.label} for t, c in todo]
+        trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": cpu, "gpu": sweep.resources.gpu})
+        configs = [{"config": c.to_dict(), "threads": max(1, int(cpu)), "label": t.label} for t, c in todo]
         grid = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(configs)},
@@ -525,13 +557,12 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
                 record = read_record_or_none(out) or {}
             outcome.failed[t.label] = describe_error(record.get("error"))
 
-    stage(warm, "warmup")
-    failed_seeds = {t.overrides.get("seed", 0): t.label for t, _ in warm if t.label in outcome.failed}
+    if warm:
+        stage(warm, "warmup", sweep.warm_start.cpu or sweep.resources.cpu)
     runnable = []
     for t, c in main:
-        seed = t.overrides.get("seed", 0)
-        if seed in failed_seeds and trial_state(Path(c.out)) != "complete":
-            why = f"warm start {failed_seeds[seed]} failed ({outcome.failed[failed_seeds[seed]]})"
+        if warm_label(t) in outcome.failed and trial_state(Path(c.out)) != "complete":
+            why = f"warm start {warm_label(t)} failed ({outcome.failed[warm_label(t)]})"
             outcome.skipped[t.label] = why
             write_record(Path(c.out), {"name": t.label, "status": "skipped", "config": c.to_dict(), "iteration": 0, "curves": [],
                                        "error": {"type": "Skipped", "message": why, "iteration": None}})
@@ -539,7 +570,7 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
             runnable.append((t, c))
     if outcome.skipped:
         print(f"{sweep.name}: skipping {len(outcome.skipped)} trials whose warm start failed", flush=True)
-    stage(runnable, "main")
+    stage(runnable, "main", sweep.resources.cpu)
     return outcome
 
 

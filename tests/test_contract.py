@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 import bench.selection as selection
 from bench.selection import Selection, available_selectors, build_context, get_selector, selector_params
 
-ALL = ["ael", "all", "covar", "csl", "daw", "fixed", "flexmatch", "freematch", "softmatch", "u2pl", "ups"]
-STATEFUL = ["softmatch", "freematch", "flexmatch", "daw"]
+ALL = ["ael", "all", "corrmatch", "covar", "csa", "csl", "cwbass", "daw", "fixed", "flexmatch", "freematch", "s4mc",
+       "semivl_avg", "semivl_ratio", "softmatch", "u2pl", "ups"]
+STATEFUL = ["softmatch", "freematch", "flexmatch", "daw", "corrmatch", "cwbass", "s4mc", "csa"]
 
 
-SMALL = {"ups": {"passes": 4}}  # fewer stochastic passes, to keep the tests quick
+SMALL = {"ups": {"passes": 4}, "csa": {"passes": 4}}  # fewer stochastic passes, to keep the tests quick
 
 
 def context_for(name, probs, seed=0):
@@ -129,7 +130,7 @@ def check_properties(name, out, probs, valid):
     assert ((out.weight >= 0) & (out.weight <= 1)).all()
     assert (out.weight[~valid] == 0).all() and not out.reliable[~valid].any()
     assert (out.weight[out.reliable] > 0).all()
-    if name != "ups":  # UPS labels with the MC mean
+    if name not in ("ups", "csa"):  # UPS and CSA label with the MC mean
         assert torch.equal(out.label, probs.argmax(1))
 
 

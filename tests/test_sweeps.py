@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -263,6 +264,38 @@ def test_a_failed_warm_start_skips_the_trials_that_need_it(tmp_path):
                            env=ENV, capture_output=True, text=True, timeout=600)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert {r["status"] for r in records(tmp_path / "st" / "tiny" / "trials").values()} == {"complete"}
+
+
+def test_trials_run_seed_by_seed_and_a_shared_warm_start_is_one_run(tmp_path):
+    sweep = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3, seed: 7, cpu: 2}\n"))
+    # seed-major: a sweep stopped early holds every method of the seeds it reached
+    assert [t.label for t in sweep.trials()] == [
+        "supervised-seed=0", "fixed-seed=0", "csl-seed=0", "supervised-seed=1", "fixed-seed=1", "csl-seed=1"]
+    (warm,) = sweep.warm_start_trials()
+    assert warm.label == "warmup-seed=7" and warm.overrides["seed"] == 7 and warm.overrides["iters"] == 3
+    assert {sweep.warm_start.label(t.overrides["seed"]) for t in sweep.trials()} == {"warmup-seed=7"}
+    per_seed = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3}\n"))
+    assert [t.label for t in per_seed.warm_start_trials()] == ["warmup-seed=0", "warmup-seed=1"]
+
+
+@pytest.mark.slow  # one tiny sweep on Ray (about 40 s on 2 cores)
+def test_a_shared_warm_start_starts_every_trial_and_its_seeds_still_pair(tmp_path):
+    text = TINY + "warm_start: {iters: 2, seed: 7}\n"
+    too_big = subprocess.run(CLI + [str(write(tmp_path, text.replace("seed: 7}", "seed: 7, cpu: 999}"))), "--storage", str(tmp_path / "big")],
+                             env=ENV, capture_output=True, text=True, timeout=600)
+    assert too_big.returncode != 0 and "warmup trials ask for 999 CPUs but this machine's Ray has" in too_big.stderr
+    run = subprocess.run(CLI + [str(write(tmp_path, text)), "--storage", str(tmp_path / "st")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    warm = records(tmp_path / "st" / "tiny" / "warmup")
+    assert list(warm) == ["warmup-seed=7"] and warm["warmup-seed=7"]["config"]["seed"] == 7
+    main = records(tmp_path / "st" / "tiny" / "trials")
+    assert len(main) == 6 and {r["status"] for r in main.values()} == {"complete"}
+    assert {r["config"]["init_from"] for r in main.values()} == {str(tmp_path / "st" / "tiny" / "warmup" / "warmup-seed=7")}
+    assert len({r["config"]["init_from_hash"] for r in main.values()}) == 1
+    assert {r["config"]["seed"] for r in main.values()} == {0, 1}
+    for method in ("supervised", "csl (alpha=8.0)"):  # both seeds pair with fixed: "Δ [CI] (2)"
+        (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith(f"| {method} |")]
+        assert re.search(r"\] \(2\) \|", line), line
 
 
 def test_data_problems_stop_the_sweep_before_ray_starts(tmp_path, monkeypatch):
