@@ -42,7 +42,8 @@ NON_RESULT_KEYS = (
 )
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
-HASHED_UNLESS_DEFAULT = {"sum_losses": False, "replicas": 1, "eval_split": "val", "resize": None, "blur_sigma": [0.1, 2.0]}
+HASHED_UNLESS_DEFAULT = {"sum_losses": False, "replicas": 1, "eval_split": "val", "resize": None, "blur_sigma": [0.1, 2.0],
+                         "logit_penalty": 0.0, "logit_penalty_margin": 10.0}
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -93,6 +94,8 @@ class TrainConfig:
     ema_teacher: bool = False
     ema_momentum: float = 0.999
     sum_losses: bool = False  # loss = x + u (FixMatch) instead of UniMatch's (x + u) / 2, which halves the labelled step
+    logit_penalty: float = 0.0  # weight of "Do not trust what you trust"'s penalty on the strong views' logits (0: off; the paper's 0.1)
+    logit_penalty_margin: float = 10.0  # its margin m in max(0, max_j z_j - z_k - m)
     normaliser: str = "valid"  # valid: sum(w CE)/#valid ; selected: sum(w CE)/sum(w)
     iters: int = 1000
     lr: float = 0.01
@@ -137,6 +140,10 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= selection_probes <= iters and selection_probe_images >= 1, got {self.selection_probes}, {self.selection_probe_images}")
         if not 0 < self.eval_stride <= 1:
             raise ConfigError(f"eval_stride is a fraction of the window in (0, 1], got {self.eval_stride}")
+        if self.logit_penalty < 0 or self.logit_penalty_margin < 0:
+            raise ConfigError(f"logit_penalty and logit_penalty_margin must be >= 0, got {self.logit_penalty}, {self.logit_penalty_margin}")
+        if self.logit_penalty > 0 and self.framework == "supervised":
+            raise ConfigError("logit_penalty needs a semi-supervised framework (it acts on the strong views' pseudo-labelled pixels)")
         if self.csl_mask_view and self.framework != "unimatch":
             raise ConfigError("csl_mask_view=true needs framework=unimatch (it replaces the second strong view)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

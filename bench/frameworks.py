@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from bench.losses import PseudoTargets, pseudo_label_loss, supervised_loss
+from bench.losses import PseudoTargets, logit_penalty, pseudo_label_loss, supervised_loss
 from bench.selection import Selection
 from csl.masking import hide_pixels, reliable_block_mask
 
@@ -81,8 +81,10 @@ def fixmatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
     pred_s = model(cutmix(u.strong1, m.strong1, u.box1))
 
     loss_x = supervised_loss(pred_x, y)
-    loss_s = pseudo_label_loss(pred_s, target_u.paste(target_mix, u.box1), cfg.normaliser)
-    return StepOut(combine(loss_x, loss_s, cfg), {"loss_x": loss_x, "loss_s": loss_s}, selection, valid)
+    target_s = target_u.paste(target_mix, u.box1)
+    loss_s = pseudo_label_loss(pred_s, target_s, cfg.normaliser)
+    parts = {"loss_x": loss_x, "loss_s": loss_s}
+    return StepOut(with_penalty(combine(loss_x, loss_s, cfg), parts, [(pred_s, target_s)], cfg), parts, selection, valid)
 
 
 def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> StepOut:
@@ -110,7 +112,9 @@ def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
     loss_fp = pseudo_label_loss(pred_fp, target_u, cfg.normaliser)
     loss = combine(loss_x, 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp, cfg)
     # "loss_s" (not "loss_s1") keeps the curve names of FixMatch and of earlier records
-    return StepOut(loss, {"loss_x": loss_x, "loss_fp": loss_fp, "loss_s": loss_s1, name2: loss_s2}, selection, valid)
+    parts = {"loss_x": loss_x, "loss_fp": loss_fp, "loss_s": loss_s1, name2: loss_s2}
+    loss = with_penalty(loss, parts, [(pred_s1, target1), (pred_s2, target2)], cfg)
+    return StepOut(loss, parts, selection, valid)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,15 @@ def combine(loss_x: Tensor, loss_u: Tensor, cfg) -> Tensor:
     """UniMatch averages the labelled and unlabelled losses, which halves the labelled step
     against a supervised run at the same lr; `sum_losses` adds them (FixMatch's x + u)."""
     return loss_x + loss_u if cfg.sum_losses else (loss_x + loss_u) / 2
+
+
+def with_penalty(loss: Tensor, parts: dict, strong: list[tuple[Tensor, PseudoTargets]], cfg) -> Tensor:
+    """Add the logit penalty (`logit_penalty` > 0), averaged over the strong views, to the
+    loss; its value joins the curves as loss_pen."""
+    if cfg.logit_penalty <= 0:
+        return loss
+    parts["loss_pen"] = sum(logit_penalty(pred, target, cfg.logit_penalty_margin) for pred, target in strong) / len(strong)
+    return loss + cfg.logit_penalty * parts["loss_pen"]
 
 
 def cutmix(images: Tensor, source: Tensor, box: Tensor) -> Tensor:

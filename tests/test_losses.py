@@ -41,3 +41,36 @@ def test_cutmix_paste_moves_every_field_together():
     assert m.weight.tolist() == [[[0.5, 1.0], [1.0, 1.0]]]
     assert m.valid.tolist() == [[[False, True], [True, True]]]
     assert m.negatives[0, :, 0, 0].all() and not m.negatives[0, :, 1, 1].any()
+
+
+def test_logit_penalty_by_hand():
+    from bench.losses import logit_penalty
+
+    # pixel a: z = (20, 5, 12), label 0 -> gaps (0, 20-5-10 = 5, 20-12-10 < 0 -> 0): 5
+    # pixel b: z = (1, 3, 0), label 1 -> every gap below the margin: 0
+    logits = torch.tensor([[20.0, 1.0], [5.0, 3.0], [12.0, 0.0]]).view(1, 3, 1, 2)
+    label = torch.tensor([[[0, 1]]])
+    ones = torch.ones(1, 1, 2, dtype=torch.bool)
+    target = PseudoTargets(label, torch.ones(1, 1, 2), ones, None, ones)
+    assert logit_penalty(logits, target, 10.0).item() == pytest.approx(5 / (2 * 3))
+    only_a = PseudoTargets(label, torch.ones(1, 1, 2), ones, None, torch.tensor([[[True, False]]]))
+    assert logit_penalty(logits, only_a, 10.0).item() == pytest.approx(5 / 3)
+    disagree = PseudoTargets(torch.tensor([[[2, 1]]]), torch.ones(1, 1, 2), ones, None, ones)  # a's argmax is 0, not 2
+    assert logit_penalty(logits, disagree, 10.0).item() == 0.0
+    assert logit_penalty(logits, target, 4.0).item() == pytest.approx((11 + 4) / 6)  # margin 4: 20-5-4 + 20-12-4
+    nothing = PseudoTargets(label, torch.zeros(1, 1, 2), ones, None, torch.zeros(1, 1, 2, dtype=torch.bool))
+    assert logit_penalty(logits, nothing).item() == 0.0  # S empty: 0, not NaN
+
+
+def test_logit_penalty_trains_and_is_checked(tmp_path):
+    from bench.config import ConfigError, TrainConfig, apply
+    from bench.train import train
+
+    tiny = dict(backbone="test_resnet", crop=32, batch_size=2, iters=2, eval_every=2, log_every=1, checkpoint_every=2,
+                probe_images=2, head_channels=16, aspp_dilations=[1, 2], wandb_mode="disabled", selector="fixed", selector_params={"tau": 0.0})
+    cfg = apply(TrainConfig(), {**tiny, "logit_penalty": 0.1, "logit_penalty_margin": 0.0, "out": str(tmp_path / "pen")}, "test").validate()
+    record = train(cfg, show_progress=False)
+    pens = [p["loss_pen"] for p in record["curves"] if "loss_pen" in p]
+    assert len(pens) == 2 and all(v > 0 for v in pens)  # margin 0: every non-top logit counts
+    with pytest.raises(ConfigError, match="logit_penalty needs a semi-supervised framework"):
+        apply(TrainConfig(), {**tiny, "framework": "supervised", "logit_penalty": 0.1}, "test").validate()
