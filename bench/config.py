@@ -196,9 +196,18 @@ def read_yaml_mapping(path, error: type[Exception], what: str) -> dict:
     return data
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def result_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The keys that decide what a run computes. The device enters as its type (cuda:1 and
     cuda compute the same; cpu and cuda do not: CUDA runs in bf16)."""
+    config = {k: _plain(v) for k, v in config.items()}  # (120, 160) and [120, 160] are one setting
     data = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
     if isinstance(data.get("device"), str):
         data["device"] = data["device"].split(":")[0]

@@ -54,6 +54,11 @@ def test_hash_ignores_where_results_go_but_not_what_is_computed():
     b = load_config(overrides=["out=runs/b", "workers=2"])
     c = load_config(overrides=["seed=1"])
     assert a.hash() == b.hash() != c.hash()
+    # a tuple from Python and a list from YAML are one setting; a default stays out of the hash
+    tup = TrainConfig(resize=(120, 160), blur_sigma=(0.1, 2.0)).absolute().validate()
+    lst = load_config(overrides=["resize=[120,160]"])
+    assert tup.hash() == lst.hash() != a.hash()
+    assert TrainConfig(blur_sigma=(0.1, 2.0)).absolute().validate().hash() == TrainConfig().absolute().validate().hash()
 
 
 def test_round_trip_through_a_record():

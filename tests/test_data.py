@@ -105,6 +105,16 @@ def test_cityscapes_tiny_tree(tmp_path):
     (entry,) = src.pool("train")
     assert entry.mask.endswith("_gtFine_labelTrainIds.png")
     assert set(np.unique(src.load(entry)[1])) == {0, 18, 255}
+    # its public test masks are placeholders: eval_split=test is refused, naming the way out
+    png(tmp_path / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png", rgb())
+    png(tmp_path / "gtFine" / "test" / "berlin" / "berlin_000000_000019_gtFine_labelTrainIds.png", labels([255]))
+    folder = tmp_path / "splits" / "cityscapes" / "s"
+    folder.mkdir(parents=True)
+    (folder / "labeled.txt").write_text("train/aachen/aachen_000000_000010\n")
+    (folder / "unlabeled.txt").write_text("")
+    with pytest.raises(DataError, match=r"eval_split=test, but dataset 'cityscapes' has no usable test split: its public gtFine/test masks are placeholders.*use eval_split=val.*test.txt"):
+        load_split(src, tmp_path / "splits", "s", labeled=1, eval_split="test")
+    assert load_split(src, tmp_path / "splits", "s", labeled=1).val  # val is fine
 
 
 def test_coco_tiny_tree(tmp_path):
@@ -284,6 +294,17 @@ def test_resize_at_load_keeps_classes_and_caches():
     assert np.mean(mask == big_mask[1::3, 1::3]) > 0.95
     assert abs(float(image.mean()) - float(big_image.mean())) < 2  # bilinear keeps the brightness
     assert small.load(entry)[0] is image  # decoded once
+    import bench.data.sources as sources
+
+    full_cache = get_source("camvid", CAMVID, resize=(120, 160))
+    sources_limit, sources.RESIZE_CACHE_BYTES = sources.RESIZE_CACHE_BYTES, int(1.5 * (image.nbytes + mask.nbytes))
+    try:  # room for one pair: the second is resized on every read, not kept
+        first, second = full_cache.pool("train")[:2]
+        assert full_cache.load(first)[0] is full_cache.load(first)[0]
+        assert full_cache.load(second)[0] is not full_cache.load(second)[0]
+        assert np.array_equal(full_cache.load(second)[1], small.load(second)[1])
+    finally:
+        sources.RESIZE_CACHE_BYTES = sources_limit
 
 
 def test_resize_must_be_height_and_width():

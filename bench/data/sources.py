@@ -41,17 +41,24 @@ def read_image(path: Path) -> Image.Image:
     return image
 
 
+RESIZE_CACHE_BYTES = 1 << 30
+
+
 class Source:
     name = "?"
     num_classes = 0
     needs_root = True
     generator: str | None = None  # for generated data: which generator made the images
+    # Why the dataset's own test split cannot score a model (None: it can, where present).
+    no_test_labels: str | None = None
 
     def __init__(self, root: str | Path | None, resize: tuple[int, int] | None = None):
         # Every image and mask resized at load (bilinear / nearest) to (height, width): a
-        # CPU protocol trains on whole small frames. Resized pairs are small, so kept in memory.
+        # CPU protocol trains on whole small frames. Resized pairs are kept in memory, up to
+        # RESIZE_CACHE_BYTES per loader process (CamVid at 120x160: 54 MB for all of it).
         self.resize = tuple(resize) if resize else None
         self._cache: dict[Entry, tuple[np.ndarray, np.ndarray]] = {}
+        self._cached_bytes = 0
         if self.needs_root:
             if root is None:
                 raise DataError(f"dataset '{self.name}' needs root=<folder> ({self.layout})")
@@ -114,7 +121,10 @@ class Source:
             h, w = self.resize
             image = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
             mask = np.array(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+            if self._cached_bytes + image.nbytes + mask.nbytes > RESIZE_CACHE_BYTES:
+                return image, mask  # full: later images are resized on every read
             self._cache[entry] = (image, mask)
+            self._cached_bytes += image.nbytes + mask.nbytes
         return self._cache[entry]
 
     def read(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +193,7 @@ class CamVid(Source):
 class PascalVOC(Source):
     name = "pascal"
     num_classes = 21
+    no_test_labels = "VOC 2012 test labels are not public (evaluation server only)"
     layout = "VOC 2012: JPEGImages/ and SegmentationClass/ or SegmentationClassAug/ palette PNGs"
 
     def from_id(self, item, where):
@@ -204,6 +215,7 @@ class PascalVOC(Source):
 class Cityscapes(Source):
     name = "cityscapes"
     num_classes = 19
+    no_test_labels = "its public gtFine/test masks are placeholders (every pixel void); test labels stay on the evaluation server"
     layout = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelTrainIds.png"
 
     def from_id(self, item, where):  # train/aachen/aachen_000000_000019
@@ -225,6 +237,7 @@ class Cityscapes(Source):
 class COCO(Source):
     name = "coco"
     num_classes = 81  # background + 80 things, as in UniMatch's masks
+    no_test_labels = "test2017 has no public masks"
     layout = "train2017/*.jpg, val2017/*.jpg and masks/train2017/*.png, masks/val2017/*.png (81-class masks)"
 
     def from_id(self, item, where):  # train2017/000000000009

@@ -116,6 +116,9 @@ def _test_entries(source: Source, folder: Path, result: Split) -> list[Entry]:
         entries, digest = read_list(source, path)
         result.sha256["test.txt"] = digest
         return entries
+    if source.no_test_labels:
+        raise DataError(f"eval_split=test, but dataset '{source.name}' has no usable test split: {source.no_test_labels}; "
+                        f"use eval_split=val, or list held-out labelled images (never in the split's train or val) in {path}")
     try:
         entries = source.pool("test")
     except (DataError, OSError) as exc:
