@@ -66,6 +66,8 @@ class WarmStart:
     # comparison is conditional on that one model (cheaper, and less spread).
     seed: int | None = None
     cpu: float | None = None  # CPUs (threads) per warm-start trial; default: resources.cpu
+    # Config keys for the warm start only (e.g. its own lr when the trials fine-tune at a lower one).
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def seeds(self, trial_seeds: list) -> list:
         return list(trial_seeds) if self.seed is None else [self.seed]
@@ -122,7 +124,7 @@ class Sweep:
         if self.warm_start is None:
             return []
         seeds = self.warm_start.seeds(self.grid.get("seed", [self.base.get("seed", 0)]))
-        base = {**self.base, "framework": "supervised", "iters": self.warm_start.iters, "eval_every": self.warm_start.iters}
+        base = {**self.base, **self.warm_start.overrides, "framework": "supervised", "iters": self.warm_start.iters, "eval_every": self.warm_start.iters}
         return [Trial(self.warm_start.label(s), "warmup", {**base, "seed": s}) for s in seeds]
 
 

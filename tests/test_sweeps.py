@@ -267,12 +267,15 @@ def test_a_failed_warm_start_skips_the_trials_that_need_it(tmp_path):
 
 
 def test_trials_run_seed_by_seed_and_a_shared_warm_start_is_one_run(tmp_path):
-    sweep = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3, seed: 7, cpu: 2}\n"))
+    sweep = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3, seed: 7, cpu: 2, overrides: {lr: 0.05}}\n"))
     # seed-major: a sweep stopped early holds every method of the seeds it reached
     assert [t.label for t in sweep.trials()] == [
         "supervised-seed=0", "fixed-seed=0", "csl-seed=0", "supervised-seed=1", "fixed-seed=1", "csl-seed=1"]
     (warm,) = sweep.warm_start_trials()
     assert warm.label == "warmup-seed=7" and warm.overrides["seed"] == 7 and warm.overrides["iters"] == 3
+    assert warm.config(tmp_path, "tiny").lr == 0.05 and {t.config(tmp_path, "tiny").lr for t in sweep.trials()} == {0.01}
+    with pytest.raises(SweepError, match="unknown config key 'lrr'"):
+        load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3, overrides: {lrr: 0.05}}\n"))
     assert {sweep.warm_start.label(t.overrides["seed"]) for t in sweep.trials()} == {"warmup-seed=7"}
     per_seed = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3}\n"))
     assert [t.label for t in per_seed.warm_start_trials()] == ["warmup-seed=0", "warmup-seed=1"]
