@@ -74,11 +74,17 @@ def t_quantile(two_tail: float, nu):
     return torch.sqrt(nu * torch.where(y > 0.05 + a, tail, near))
 
 
-def welch_confident(member_probs):
-    """(B,H,W) bool: the top-two t-test passes, from (M,B,K,H,W) member probabilities."""
-    M = member_probs.shape[0]
-    mean = member_probs.mean(0)
-    var = (member_probs - mean).square().mean(0)
+def member_moments(mc_logits):
+    """Mean and variance (dividing by M) over the M passes of their softmax, in float64,
+    one pass at a time (never M float64 copies of the batch)."""
+    M = mc_logits.shape[0]
+    mean = sum(z.double().softmax(dim=1) for z in mc_logits) / M
+    var = sum((z.double().softmax(dim=1) - mean).square() for z in mc_logits) / M
+    return mean, var
+
+
+def welch_confident(mean, var, M):
+    """(B,H,W) bool: the top-two t-test passes, from the members' mean and variance (B,K,H,W)."""
     top, which = mean.topk(2, dim=1)
     va, vb = var.gather(1, which).unbind(1)
     t = (top[:, 0] - top[:, 1]) / torch.sqrt((0.1 + va + vb) / M)
@@ -191,9 +197,8 @@ class ConfidentSinkhorn(Selector):
             if mc_logits.shape[0] < 4:
                 raise self._error(f"mc_logits needs T >= 4 passes, got T={mc_logits.shape[0]}")
             self._check(~torch.isfinite(mc_logits).all(), "mc_logits contains NaN or Inf", diverged=True)
-            members = mc_logits.double().softmax(dim=2)
-            mean = members.mean(0)
-            points = welch_confident(members) & valid
+            mean, var = member_moments(mc_logits)
+            points = welch_confident(mean, var, mc_logits.shape[0]) & valid
         else:
             mean, points = probs.double(), valid
         rho = self.share(float(progress))
