@@ -43,7 +43,7 @@ NON_RESULT_KEYS = (
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
 HASHED_UNLESS_DEFAULT = {"sum_losses": False, "replicas": 1, "eval_split": "val", "resize": None, "blur_sigma": [0.1, 2.0],
-                         "logit_penalty": 0.0, "logit_penalty_margin": 10.0}
+                         "logit_penalty": 0.0, "logit_penalty_margin": 10.0, "strong_bn_stats": True}
 # Keys holding file-system paths: relative ones resolve against the directory the command
 # was launched from, once, when the config is built (Ray runs trials in other folders).
 PATH_KEYS = ("root", "split_dir", "init_from", "pretrained", "out")
@@ -94,6 +94,7 @@ class TrainConfig:
     ema_teacher: bool = False
     ema_momentum: float = 0.999
     sum_losses: bool = False  # loss = x + u (FixMatch) instead of UniMatch's (x + u) / 2, which halves the labelled step
+    strong_bn_stats: bool = True  # strong views update BatchNorm's running statistics (UniMatch); false: only labelled and weak views do
     logit_penalty: float = 0.0  # weight of "Do not trust what you trust"'s penalty on the strong views' logits (0: off; the paper's 0.1)
     logit_penalty_margin: float = 10.0  # its margin m in max(0, max_j z_j - z_k - m)
     normaliser: str = "valid"  # valid: sum(w CE)/#valid ; selected: sum(w CE)/sum(w)

@@ -10,11 +10,12 @@ the EMA teacher.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bench.losses import PseudoTargets, logit_penalty, pseudo_label_loss, supervised_loss
 from bench.selection import Selection
@@ -78,7 +79,8 @@ def fixmatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
     selection = select(probs, valid, **offered_context(model, teacher, batch, pred_x, cfg, t))
     target_u, target_mix = PseudoTargets.from_selection(selection, valid).split([bu, bu])
 
-    pred_s = model(cutmix(u.strong1, m.strong1, u.box1))
+    with strong_view_statistics(model, cfg):
+        pred_s = model(cutmix(u.strong1, m.strong1, u.box1))
 
     loss_x = supervised_loss(pred_x, y)
     target_s = target_u.paste(target_mix, u.box1)
@@ -104,7 +106,8 @@ def unimatch_step(model, teacher, select: Select, batch: Batch, cfg, t: int) -> 
         view2, target2, name2 = masking_view(u, selection.reliable[:bu], cfg, t), target_u, "loss_mask"
     else:
         view2, target2, name2 = cutmix(u.strong2, m.strong2, u.box2), target_u.paste(target_mix, u.box2), "loss_s2"
-    pred_s1, pred_s2 = model(torch.cat([view1, view2])).split(bu)
+    with strong_view_statistics(model, cfg):
+        pred_s1, pred_s2 = model(torch.cat([view1, view2])).split(bu)
 
     loss_x = supervised_loss(pred_x, y)
     loss_s1 = pseudo_label_loss(pred_s1, target1, cfg.normaliser)
@@ -172,6 +175,25 @@ def combine(loss_x: Tensor, loss_u: Tensor, cfg) -> Tensor:
     """UniMatch averages the labelled and unlabelled losses, which halves the labelled step
     against a supervised run at the same lr; `sum_losses` adds them (FixMatch's x + u)."""
     return loss_x + loss_u if cfg.sum_losses else (loss_x + loss_u) / 2
+
+
+@contextlib.contextmanager
+def strong_view_statistics(model, cfg):
+    """With `strong_bn_stats=false` the strong views are normalised by their own batch
+    statistics as usual but leave BatchNorm's running statistics (what evaluation uses)
+    alone, so colour jitter, greyscale and blur do not shift them; UniMatch lets them in."""
+    if cfg.strong_bn_stats:
+        yield
+        return
+    norms = [mod for mod in model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+    saved = [mod.momentum for mod in norms]
+    for mod in norms:
+        mod.momentum = 0.0
+    try:
+        yield
+    finally:
+        for mod, momentum in zip(norms, saved):
+            mod.momentum = momentum
 
 
 def with_penalty(loss: Tensor, parts: dict, strong: list[tuple[Tensor, PseudoTargets]], cfg) -> Tensor:

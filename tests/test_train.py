@@ -326,3 +326,22 @@ def test_selection_probes_score_every_selector_and_leave_training_alone(tmp_path
     # the checkpoint holding the probes loads with weights_only, so the run resumes
     resumed = Trainer(tiny(tmp_path / "b", "selector=fixed", "selection_probes=2", "selection_probe_images=3"), resume=True, show_progress=False).run()
     assert resumed["selection_over_training"] == probes
+
+
+def test_strong_views_can_leave_batchnorm_running_statistics_alone():
+    from types import SimpleNamespace
+
+    from bench.frameworks import strong_view_statistics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4, momentum=None)).train()
+    x = torch.randn(2, 3, 5, 5) * 3 + 1
+    before = [m.running_mean.clone() for m in model[1:]]
+    with strong_view_statistics(model, SimpleNamespace(strong_bn_stats=False)):
+        frozen = model(x)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(model[1:], before))
+    assert model[1].momentum == 0.1 and model[2].momentum is None  # restored
+    with strong_view_statistics(model, SimpleNamespace(strong_bn_stats=True)):
+        moving = model(x)
+    assert not torch.equal(model[1].running_mean, before[0])
+    assert torch.allclose(frozen, moving)  # normalised by the batch either way
