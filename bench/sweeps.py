@@ -488,6 +488,10 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
     for _, c in warm + main:  # Ray shows a trial the GPUs it asked for and no others
         if c.device == "auto":
             c.device = "cuda" if sweep.resources.gpu > 0 else "cpu"
+    warm_hash = {t.label: c.hash() for t, c in warm}
+    for t, c in main:  # the warm start each trial continues from, by identity: another one makes the trial stale
+        if warm:
+            c.init_from_hash = warm_hash[warm_label(t)]
     check_inputs({t.label: c for t, c in warm + main}, set(init.values()))
 
     if sweep.search is not None:

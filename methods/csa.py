@@ -33,6 +33,7 @@ quantile from nu = 3, which passes >= 4 guarantees (nu >= M - 1).
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import torch
 
@@ -59,14 +60,14 @@ def cumulative_rho(progress: float, rounds: int = ROUNDS) -> float:
 def t_quantile(two_tail: float, nu):
     """Student-t quantile t with P(|T| > t) = two_tail, for real nu > 2 (Hill 1970, alg. 396)."""
     nu = nu.double()
-    P = torch.tensor(two_tail, dtype=torch.float64, device=nu.device)
+    P = float(two_tail)  # a Python number: no host-to-device copy on the training path
     a = 1 / (nu - 0.5)
     b = 48 / a**2
     c = ((20700 * a / b - 98) * a - 16) * a + 96.36
     d = ((94.5 / (b + c) - 3) / b + 1) * torch.sqrt(a * math.pi / 2) * nu
     y = (d * P) ** (2 / nu)
     near = ((1 / (((nu + 6) / (nu * y) - 0.089 * d - 0.822) * (nu + 2) * 3) + 0.5 / (nu + 4)) * y - 1) * (nu + 1) / (nu + 2) + 1 / y
-    x = torch.special.ndtri(0.5 * P)
+    x = NormalDist().inv_cdf(0.5 * P)
     c_tail = torch.where(nu < 5, c + 0.3 * (nu - 4.5) * (x + 0.6), c)
     c_tail = (((0.05 * d * x - 5) * x - 7) * x - 2) * x + b + c_tail
     z = (((((0.4 * x**2 + 6.3) * x**2 + 36) * x**2 + 94.5) / c_tail - x**2 - 3) / b + 1) * x
@@ -174,6 +175,7 @@ class ConfidentSinkhorn(Selector):
         self.mc_passes = self.passes
         self.required_context = ("mc_logits",) if self.passes else ()
         self.label_counts = torch.zeros(num_classes, dtype=torch.float64)
+        self._given_prior = None
 
     def share(self, progress: float) -> float:
         if not 0.0 <= progress <= 1.0:
@@ -181,8 +183,11 @@ class ConfidentSinkhorn(Selector):
         return cumulative_rho(progress) if self.rho == "cumulative" else self.rho
 
     def prior(self, device=None):
-        counts = torch.tensor(self.class_prior, dtype=torch.float64) if self.class_prior is not None else self.label_counts
-        return smoothed_prior(counts.to(device), self.num_classes)
+        if self.class_prior is None:
+            return smoothed_prior(self.label_counts.to(device), self.num_classes)
+        if self._given_prior is None or self._given_prior.device != torch.device(device or "cpu"):
+            self._given_prior = smoothed_prior(torch.tensor(self.class_prior, dtype=torch.float64, device=device), self.num_classes)
+        return self._given_prior  # built once per device
 
     def _select(self, probs, valid, moments, mc_logits=None, labeled_target=None, progress: float = 0.0, **context):
         B, K, H, W = probs.shape

@@ -100,6 +100,7 @@ class MarginalContext(Selector):
         self.e_joint = e_joint if isinstance(e_joint, str) else [float(e) for e in e_joint]
         self.same_pairs = torch.zeros(num_classes, dtype=torch.float64)
         self.all_pairs = torch.zeros(num_classes, dtype=torch.float64)
+        self._given = None
 
     def keep_percent(self, progress: float) -> float:
         if not 0.0 <= progress <= 1.0:
@@ -112,7 +113,9 @@ class MarginalContext(Selector):
             return torch.zeros(self.num_classes, dtype=torch.float64, device=device)
         if self.e_joint == "labeled":
             return (self.same_pairs / self.all_pairs.clamp(min=1)).to(device)
-        return torch.tensor(self.e_joint, dtype=torch.float64, device=device)
+        if self._given is None or self._given.device != torch.device(device or "cpu"):
+            self._given = torch.tensor(self.e_joint, dtype=torch.float64, device=device)
+        return self._given  # built once per device
 
     def refine(self, probs, valid):
         expect = self.expectation(probs.device).to(probs.dtype)[None, :, None, None]

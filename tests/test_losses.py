@@ -33,14 +33,18 @@ def test_negative_learning_loss_by_hand():
 
 
 def test_cutmix_paste_moves_every_field_together():
-    a = PseudoTargets(torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool), torch.zeros(1, 3, 2, 2, dtype=torch.bool))
-    b = PseudoTargets(torch.full((1, 2, 2), 2), torch.full((1, 2, 2), 0.5), torch.zeros(1, 2, 2, dtype=torch.bool), torch.ones(1, 3, 2, 2, dtype=torch.bool))
+    a = PseudoTargets(torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool), torch.zeros(1, 3, 2, 2, dtype=torch.bool),
+                      torch.ones(1, 2, 2, dtype=torch.bool))
+    b = PseudoTargets(torch.full((1, 2, 2), 2), torch.full((1, 2, 2), 0.5), torch.zeros(1, 2, 2, dtype=torch.bool), torch.ones(1, 3, 2, 2, dtype=torch.bool),
+                      torch.zeros(1, 2, 2, dtype=torch.bool))
     box = torch.tensor([[[True, False], [False, False]]])
     m = a.paste(b, box)
     assert m.label.tolist() == [[[2, 0], [0, 0]]]
     assert m.weight.tolist() == [[[0.5, 1.0], [1.0, 1.0]]]
     assert m.valid.tolist() == [[[False, True], [True, True]]]
     assert m.negatives[0, :, 0, 0].all() and not m.negatives[0, :, 1, 1].any()
+    assert m.reliable.tolist() == [[[False, True], [True, True]]]
+    assert [t.reliable.shape for t in PseudoTargets.split(m, [1])] == [(1, 2, 2)]
 
 
 def test_logit_penalty_by_hand():

@@ -16,11 +16,11 @@ IGNORE = 255
 
 
 def batch(B=3, K=5, H=6, W=5, scale=3.0, seed=0, p_valid=0.8, dtype=torch.float32):
-    """Random probabilities; image 0 all invalid when B > 2; valid masks differ per image."""
+    """Random probabilities; image 0 all invalid when B > 2 (unless p_valid = 1); valid masks differ per image."""
     g = torch.Generator().manual_seed(seed)
     probs = (torch.randn(B, K, H, W, generator=g, dtype=torch.float64) * scale).softmax(1)
     valid = torch.rand(B, H, W, generator=g) < p_valid
-    if B > 2:
+    if B > 2 and p_valid < 1:
         valid[0] = False
     return probs.to(dtype), valid
 
@@ -267,6 +267,17 @@ def test_csa_matches_the_dense_reference(pool, case, passes):
         expected = np.stack([csa_reference(flat[b].reshape(-1, K), (passed[b] & V[b]).ravel(), V[b].ravel(), rho, w).reshape(H, W) for b in range(B)])
     assert np.array_equal(out.reliable.numpy(), expected)
     assert np.array_equal(out.label.numpy(), mean.argmax(1))
+
+
+@pytest.mark.parametrize("H,W,eps", [(10, 20, 0.1), (20, 25, 0.2), (20, 40, 0.5)])
+def test_csa_matches_the_dense_reference_in_every_eps_regime(H, W, eps):
+    probs, valid = batch(B=1, K=3, H=H, W=W, scale=2.5, p_valid=1.0, dtype=torch.float64)
+    n = H * W  # N'/K: 67, 167, 267 -> eps 0.1, 0.2, 0.5
+    assert (0.5 if n / 3 >= 200 else 0.2 if n / 3 >= 100 else 0.1 if n / 3 >= 50 else 0.05) == eps
+    out = get_selector("csa", num_classes=3, passes=0, class_prior=[0.5, 0.3, 0.2]).select(probs, valid, progress=0.9)
+    w = prior_reference(np.array([0.5, 0.3, 0.2]), 3)
+    expected = csa_reference(probs.numpy().transpose(0, 2, 3, 1).reshape(-1, 3), valid.numpy().ravel(), valid.numpy().ravel(), cumulative_rho(0.9), w)
+    assert np.array_equal(out.reliable.numpy().ravel(), expected) and expected.sum() > 0
 
 
 def test_csa_caps_each_class_at_its_prior_share():

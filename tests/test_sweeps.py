@@ -350,6 +350,23 @@ def test_resume_refuses_trials_run_with_another_config(tmp_path):
         run_sweep(sweep, tmp_path / "st", resume=True)
 
 
+def test_a_trial_from_another_warm_start_is_stale(tmp_path):
+    from bench.sweeps import run_sweep
+
+    per_seed = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3}\n"))
+    root = tmp_path / "st" / "tiny"
+    warm1 = next(t for t in per_seed.warm_start_trials() if t.label == "warmup-seed=1").config(root / "warmup", "tiny")
+    warm1.device = "cpu"
+    trial = next(t for t in per_seed.trials() if t.label == "fixed-seed=1")
+    old = trial.config(root / "trials", "tiny", str(root / "warmup" / "warmup-seed=1"))
+    old.device, old.init_from_hash = "cpu", warm1.hash()
+    (root / "trials" / trial.label).mkdir(parents=True)
+    (root / "trials" / trial.label / "record.json").write_text(json.dumps({"status": "complete", "config": old.to_dict()}))
+    shared = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3, seed: 0}\n"))  # now every trial starts from seed 0's
+    with pytest.raises(SweepError, match=rf"(?s)1 trials .* another config.*fixed-seed=1: init_from_hash: '{warm1.hash()}' -> '"):
+        run_sweep(shared, tmp_path / "st", resume=True)
+
+
 def test_one_sweep_per_storage_and_a_dead_holder_leaves_no_lock(tmp_path):
     from bench.sweeps import storage_lock
 
