@@ -62,7 +62,7 @@ def test_full_sweep_has_every_selector_and_one_budget():
     semi = {c.selector for c in configs if c.framework != "supervised"}
     assert semi == set(available_selectors())  # "every selector" stays true when one is added
     assert {c.framework for c in configs} == {"supervised", "unimatch"} and any(c.csl_mask_view for c in configs)
-    assert {c.iters for c in configs} == {400} and len(configs) == 5 * (len(available_selectors()) + 2)
+    assert {c.iters for c in configs} == {300} and len(configs) == 5 * (len(available_selectors()) + 2)
     assert {c.protocol for c in configs} == {"synthetic"} and {c.eval_split for c in configs} == {"test"}
 
 
