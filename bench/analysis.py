@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.frameworks import mc_logits
 from bench.labels import IGNORE
 from bench.metrics import auroc_from_histograms
 from bench.runs import LoadedRun
@@ -55,7 +56,7 @@ def predict(model, source, split, device, limit: int = 100, mc_passes: int | Non
         x = item["image"][None].to(device)
         probs.append(model(x).float().softmax(1)[0].cpu())
         if mc_passes:
-            mcs.append(torch.stack([model(x, stochastic=True).float()[0].cpu() for _ in range(mc_passes)]))
+            mcs.append(mc_logits(model, x, mc_passes)[:, 0].cpu())
         gts.append(item["mask"])
     lab = EvalSet(source, split.labeled[:8])
     items = [lab[i] for i in range(len(lab))]

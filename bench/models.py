@@ -126,10 +126,12 @@ class DeepLabV3Plus(nn.Module):
     def backbone_parameters(self):
         return list(self.encoder.parameters())
 
-    def _decode(self, low: Tensor, high: Tensor, size, stochastic: bool) -> Tensor:
+    def _features(self, low: Tensor, high: Tensor) -> Tensor:
         x = self.aspp(high)
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.fuse(torch.cat([x, self.reduce_low(low)], dim=1))
+        return self.fuse(torch.cat([x, self.reduce_low(low)], dim=1))
+
+    def _classify(self, x: Tensor, size, stochastic: bool) -> Tensor:
         if stochastic:
             x = F.dropout2d(x, self.mc_dropout, training=True)
         # Logits leave the model in fp32 even under bf16 autocast: softmax, selection, losses
@@ -137,6 +139,18 @@ class DeepLabV3Plus(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = self.classifier(x.float())
             return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def _decode(self, low: Tensor, high: Tensor, size, stochastic: bool) -> Tensor:
+        return self._classify(self._features(low, high), size, stochastic)
+
+    @torch.no_grad()
+    def mc_logits(self, x: Tensor, passes: int) -> Tensor:
+        """(T, B, K, H, W): the logits of `passes` calls with stochastic=True, for the price
+        of one encoder and decoder pass (the dropout sits after them; in eval mode nothing
+        before it is random, and the masks are drawn in the same order)."""
+        feats = self.encoder(x)
+        features = self._features(feats[self.low_index], feats[-1])
+        return torch.stack([self._classify(features, x.shape[-2:], True).float() for _ in range(passes)])
 
     def forward(self, x: Tensor, need_fp: bool = False, stochastic: bool = False):
         """Logits (B, K, H, W). need_fp: also the logits of the same features under

@@ -307,6 +307,26 @@ def test_resize_at_load_keeps_classes_and_caches():
         sources.RESIZE_CACHE_BYTES = sources_limit
 
 
+def test_synthetic_scenes_are_drawn_once_per_process(monkeypatch):
+    from bench.data import synthetic
+    from bench.data.transforms import to_tensor
+
+    src = get_source("synthetic", None)
+    calls = []
+    draw = synthetic.make_scene
+    monkeypatch.setattr(synthetic, "make_scene", lambda *a, **k: calls.append(a) or draw(*a, **k))
+    entry = src.pool("val")[3]
+    image, mask = src.load(entry)
+    again = src.load(entry)
+    assert len(calls) == 1 and again[0] is image  # the second read costs nothing
+    expected = draw(0, "val", 3)  # the cached pair is the scene the generator draws
+    assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
+    tensor_image, tensor_mask = to_tensor(image, mask)
+    tensor_image.mul_(0)  # the loaders' tensors are copies: working on them leaves the cache alone
+    tensor_mask.fill_(0)
+    assert np.array_equal(src.load(entry)[0], expected[0]) and np.array_equal(src.load(entry)[1], expected[1])
+
+
 def test_resize_must_be_height_and_width():
     from bench.config import ConfigError, load_config
 

@@ -24,6 +24,32 @@ def test_outputs_and_feature_perturbation():
     assert len(head) + len(m.backbone_parameters()) == len(list(m.parameters()))
 
 
+def test_mc_logits_are_the_stochastic_passes_for_one_encoding():
+    from bench.frameworks import mc_logits
+
+    torch.manual_seed(0)
+    m = DeepLabV3Plus("test_resnet", num_classes=5, head_channels=16, aspp_dilations=[1, 2]).eval()
+    x = torch.randn(2, 3, 40, 48)
+    torch.manual_seed(7)
+    one_by_one = torch.stack([m(x, stochastic=True) for _ in range(4)])  # the definition: whole passes
+    torch.manual_seed(7)
+    shared = m.mc_logits(x, 4)
+    assert shared.shape == (4, 2, 5, 40, 48) and torch.allclose(shared, one_by_one, atol=1e-6)
+    assert not torch.allclose(shared[0], shared[1])  # the draws differ
+    m.train()
+    torch.manual_seed(7)
+    through = mc_logits(m, x, 4)  # the frameworks' entry: eval mode for the passes, then back
+    assert m.training and torch.allclose(through, one_by_one, atol=1e-6)
+
+    class Wrapped(torch.nn.Module):  # data parallelism wraps the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    torch.manual_seed(7)
+    assert torch.allclose(mc_logits(Wrapped(m), x, 4), one_by_one, atol=1e-6)
+
+
 def test_pretrained_weights_from_a_local_file(tmp_path):
     torch.manual_seed(1)
     source = DeepLabV3Plus("test_resnet", num_classes=3, head_channels=16)
