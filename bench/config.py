@@ -38,7 +38,7 @@ GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0, "protocol": "classic"}
 # training's), so a run with them trains exactly as one without.
 NON_RESULT_KEYS = (
     "out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "init_from", "deterministic",
-    "selection_probes", "selection_probe_images",
+    "selection_probes", "selection_probe_images", "eval_batch_size",
 )
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
@@ -72,6 +72,7 @@ class TrainConfig:
     eval_mode: str = "whole"  # whole | sliding | center
     eval_crop: int | None = None  # window / centre crop size; default: crop
     eval_stride: float = 2 / 3  # sliding-window stride as a fraction of eval_crop
+    eval_batch_size: int = 8  # images per evaluation forward, when they share a size (1 for a tight GPU)
     probe_images: int = 200  # unlabeled images scored at the end: AUROC of max confidence
     selection_probes: int = 0  # points in training where every selector is scored on the teacher's predictions
     selection_probe_images: int = 30  # unlabeled images per selection probe
@@ -127,7 +128,7 @@ class TrainConfig:
         for key, options in choices.items():
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(options)}")
-        positive = ("crop", "batch_size", "iters", "eval_every", "checkpoint_every", "log_every", "labeled", "head_channels", "replicas")
+        positive = ("crop", "batch_size", "eval_batch_size", "iters", "eval_every", "checkpoint_every", "log_every", "labeled", "head_channels", "replicas")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -43,12 +43,18 @@ def center_crop(image: Tensor, mask: Tensor, size: int) -> tuple[Tensor, Tensor]
     return image[..., y : y + size, x : x + size], mask[..., y : y + size, x : x + size]
 
 
+def _batches(loader):
+    """A loader's batches, its sub-batches of same-sized images (`eval_collate`) one by one."""
+    for batch in loader:
+        yield from batch if isinstance(batch, list) else [batch]
+
+
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, mode: str, crop: int, stride_fraction: float, device, autocast) -> dict:
     was_training = model.training
     model.eval()
     meter = IoUMeter(num_classes)
-    for batch in loader:
+    for batch in _batches(loader):
         image, mask = batch["image"].to(device), batch["mask"].to(device)
         with autocast():
             if mode == "sliding":
@@ -71,10 +77,10 @@ def confidence_probe(model, loader, num_classes: int, device, autocast, limit: i
     model.eval()
     meter = SelectionQualityMeter(num_classes, device=device)
     seen = 0
-    for batch in loader:
+    for batch in _batches(loader):
         if seen >= limit:
             break
-        image, gt = batch["image"].to(device), batch["mask"].to(device)
+        image, gt = batch["image"][: limit - seen].to(device), batch["mask"][: limit - seen].to(device)
         with autocast():
             conf, label = model(image).float().softmax(1).max(1)
         meter.update(Selection(label=label, weight=conf, reliable=conf >= 0.95), gt)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bench.config import TrainConfig
-from bench.data.loaders import MIX, UNLABELED, EvalSet, LabeledSet, UnlabeledSet, iteration_loader
+from bench.data.loaders import MIX, UNLABELED, EvalSet, LabeledSet, UnlabeledSet, eval_collate, iteration_loader
 from bench.data.sources import get_source
 from bench.distributed import RANK_SEED_STRIDE, Replicas
 from bench.data.splits import load_split
@@ -370,7 +370,9 @@ class Trainer:
 
     def _eval_loader(self, entries=None):
         entries = self.split.val if entries is None else entries
-        return torch.utils.data.DataLoader(EvalSet(self.source, entries), batch_size=1, num_workers=self.config.workers, generator=torch.Generator())
+        return torch.utils.data.DataLoader(
+            EvalSet(self.source, entries), batch_size=self.config.eval_batch_size, collate_fn=eval_collate, num_workers=self.config.workers, generator=torch.Generator()
+        )
 
     @property
     def eval_model(self):

@@ -101,3 +101,34 @@ def test_center_crop():
     mask = torch.arange(100).view(1, 10, 10)
     ci, cm = center_crop(image, mask, 4)
     assert ci[0, 0, 0, 0] == 33 and cm[0, 0, 0] == 33 and ci.shape[-2:] == (4, 4)
+
+
+def test_batched_evaluation_matches_one_image_at_a_time():
+    import contextlib
+
+    import numpy as np
+
+    from bench.data.loaders import eval_collate
+    from bench.evaluate import confidence_probe, evaluate
+
+    torch.manual_seed(0)
+    m = DeepLabV3Plus("test_resnet", num_classes=4, head_channels=16, aspp_dilations=[1, 2]).eval()
+    g = torch.Generator().manual_seed(1)
+    shapes = [(32, 40), (32, 40), (24, 24), (32, 40), (32, 40), (32, 40), (24, 24)]  # sizes mixed, as in VOC
+    items = []
+    for h, w in shapes:
+        mask = torch.randint(0, 4, (h, w), generator=g)
+        mask[:3] = 255  # ignored pixels stay out
+        items.append({"image": torch.randn(3, h, w, generator=g), "mask": mask})
+    confusion = np.zeros((4, 4))
+    for it in items:  # the reference: one image per forward, the confusion summed by hand
+        pred = m(it["image"][None]).argmax(1)[0]
+        keep = it["mask"] != 255
+        np.add.at(confusion, (it["mask"][keep].numpy(), pred[keep].numpy()), 1)
+    iou = confusion.diagonal() / (confusion.sum(0) + confusion.sum(1) - confusion.diagonal())
+    loader = torch.utils.data.DataLoader(items, batch_size=3, collate_fn=eval_collate)
+    assert [len(b) for b in loader] == [2, 1, 1]  # [A A B] -> 2 sub-batches; [A A A]; [B]
+    result = evaluate(m, loader, 4, "whole", 32, 2 / 3, torch.device("cpu"), contextlib.nullcontext)
+    assert result["pixels"] == confusion.sum() and abs(result["miou"] - np.nanmean(iou)) < 1e-9
+    probe = confidence_probe(m, loader, 4, torch.device("cpu"), contextlib.nullcontext, limit=2)
+    assert probe["images"] == 2  # the limit cuts inside a batch of 3

@@ -102,6 +102,18 @@ class EvalSet(Dataset):
         return {"image": T.normalize(image), "mask": mask}
 
 
+def eval_collate(items: list[dict]) -> list[dict]:
+    """An evaluation batch as sub-batches of consecutive same-sized images (whole-image
+    evaluation of datasets whose images differ in size: those come one by one)."""
+    groups: list[list[dict]] = []
+    for item in items:
+        if groups and groups[-1][0]["image"].shape == item["image"].shape:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return [{key: torch.stack([it[key] for it in group]) for key in ("image", "mask")} for group in groups]
+
+
 def iteration_loader(dataset: Dataset, batch: int, iters: int, seed: int, stream: int, start: int, workers: int, pin_memory: bool = False) -> DataLoader:
     """`pin_memory` (for CUDA) lets the copy to the device overlap with compute."""
     sampler = IterationSampler(len(dataset), batch, iters, seed, stream, start)
