@@ -166,11 +166,7 @@ def mc_logits(model, weak: Tensor, passes: int) -> Tensor:
     """`passes` stochastic (decoder dropout) passes in eval mode, stacked (T, B, K, H, W)."""
     was_training = model.training
     model.eval()
-    net = getattr(model, "module", model)  # under data parallelism: the wrapped model, no gradient to sync
-    if hasattr(net, "mc_logits"):
-        out = net.mc_logits(weak, passes)
-    else:  # a model without the shortcut: one whole pass per draw
-        out = torch.stack([model(weak, stochastic=True).float() for _ in range(passes)])
+    out = getattr(model, "module", model).mc_logits(weak, passes)  # under data parallelism: the wrapped model, no gradient to sync
     model.train(was_training)
     return out
 

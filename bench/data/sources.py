@@ -126,7 +126,7 @@ class Source:
                 image = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
                 mask = np.array(Image.fromarray(mask).resize((w, h), Image.NEAREST))
             if self._cached_bytes + image.nbytes + mask.nbytes > RESIZE_CACHE_BYTES:
-                return image, mask  # full: later images are resized on every read
+                return image, mask  # full: later images are read (and resized) on every load
             self._cache[entry] = (image, mask)
             self._cached_bytes += image.nbytes + mask.nbytes
         return self._cache[entry]
