@@ -50,7 +50,7 @@ def predict(model, source, split, device, limit: int = 100, mc_passes: int | Non
     if mc_passes is None:
         mc_passes = max(get_selector(n, num_classes=source.num_classes).mc_passes for n in available_selectors())
     probs, gts, mcs = [], [], []
-    unl = EvalSet(source, split.unlabeled[:limit])
+    unl = EvalSet(source, split.unlabeled[:limit], model.normalization)
     for i in range(len(unl)):
         item = unl[i]
         x = item["image"][None].to(device)
@@ -58,7 +58,7 @@ def predict(model, source, split, device, limit: int = 100, mc_passes: int | Non
         if mc_passes:
             mcs.append(mc_logits(model, x, mc_passes)[:, 0].cpu())
         gts.append(item["mask"])
-    lab = EvalSet(source, split.labeled[:8])
+    lab = EvalSet(source, split.labeled[:8], model.normalization)
     items = [lab[i] for i in range(len(lab))]
     same = len({tuple(it["image"].shape) for it in items}) == 1
     labeled = None

@@ -78,7 +78,7 @@ class TrainConfig:
     selection_probe_images: int = 30  # unlabeled images per selection probe
     # model
     backbone: str = "resnet10t"  # any timm model with features_only
-    pretrained: str | None = None  # a local weights file, or "timm" (local timm/HF cache only)
+    pretrained: str | None = None  # efficientnet_lite0/1/2 (ImageNet weights from pip packages), a local weights file, or "timm" (local cache only)
     output_stride: int | None = None  # timm output_stride (8 or 16 dilates the last stages)
     init_from: str | None = None  # a run folder (or checkpoint.pt) whose model weights start this run
     init_from_hash: str | None = None  # config hash of that run; filled in from its checkpoint when unset
@@ -101,7 +101,7 @@ class TrainConfig:
     normaliser: str = "valid"  # valid: sum(w CE)/#valid ; selected: sum(w CE)/sum(w)
     iters: int = 1000
     lr: float = 0.01
-    head_lr_mult: float = 10.0
+    head_lr_mult: float | None = None  # the head's lr over the backbone's; default 10 for a fresh head (UniMatch), 1 after init_from
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
@@ -122,6 +122,8 @@ class TrainConfig:
         for key, value in {**GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(self.dataset, {})}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.head_lr_mult is None:  # a head a warm start already trained is not a random one
+            self.head_lr_mult = 1.0 if self.init_from else 10.0
         from bench.frameworks import FRAMEWORKS  # the registry of steps decides what exists
 
         choices = {"framework": list(FRAMEWORKS), "normaliser": NORMALISERS, "eval_mode": EVAL_MODES, "eval_split": EVAL_SPLITS}
@@ -160,10 +162,12 @@ class TrainConfig:
 
     def absolute(self, base: str | Path | None = None) -> "TrainConfig":
         """Make every relative path absolute against `base` (default: the current folder)."""
+        from bench.pretrained import PACKAGED
+
         base = Path(base or Path.cwd())
         for key in PATH_KEYS:
             value = getattr(self, key)
-            if value is None or (key == "pretrained" and value == "timm"):
+            if value is None or (key == "pretrained" and (value == "timm" or value in PACKAGED)):
                 continue
             setattr(self, key, os.path.abspath(base / Path(value).expanduser()))  # normalised, links kept
         return self

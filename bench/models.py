@@ -1,13 +1,14 @@
 """DeepLabV3+ on any timm backbone (features_only), with the two extra outputs the
 frameworks need: a feature-perturbed stream (UniMatch) and stochastic passes (UPS).
 
-Pretrained weights come only from a local file or timm's local cache: the harness never
-waits on a hub.
+Pretrained weights come only from pip packages, a local file or timm's local cache
+(bench/pretrained.py): the harness never waits on a hub.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
+import warnings
 
 import timm
 import torch
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-class WeightsError(RuntimeError):
-    pass
+from bench.pretrained import WeightsError, WeightsInfo, input_normalization, load_pretrained, timm_cached_encoder
+
+__all__ = ["ASPP", "DeepLabV3Plus", "WeightsError", "aspp_reach", "build_model"]
 
 
 def _conv_bn(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -38,59 +40,19 @@ class ASPP(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
 
 
-def _create_encoder(backbone: str, pretrained: str | None, output_stride: int | None) -> nn.Module:
+def _create_encoder(backbone: str, pretrained: str | None, output_stride: int | None, load: bool) -> tuple[nn.Module, WeightsInfo | None]:
     kwargs = {"features_only": True}
     if output_stride:
         kwargs["output_stride"] = output_stride
+    if pretrained == "timm" and load:
+        return timm_cached_encoder(backbone, kwargs)
     try:
-        probe = timm.create_model(backbone, pretrained=False, **kwargs)
+        encoder = timm.create_model(backbone, pretrained=False, **kwargs)
     except RuntimeError as exc:
         raise WeightsError(f"backbone '{backbone}': {exc}") from exc
-    if pretrained is None:
-        return probe
-    if pretrained == "timm":
-        return _from_timm_cache(backbone, kwargs)
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise WeightsError(
-            f"pretrained={pretrained!r} is not a file; pass a local weights file (.pth/.safetensors) "
-            "or pretrained=timm for weights already in the local timm/Hugging Face cache"
-        )
-    state = _read_weights(path)
-    state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()}
-    if not set(state) & set(probe.state_dict()):
-        raise WeightsError(f"{path}: none of its keys match backbone '{backbone}' (e.g. {next(iter(state), '-')})")
-    probe.load_state_dict(state, strict=False)
-    return probe
-
-
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-
-
-def _from_timm_cache(backbone: str, kwargs: dict) -> nn.Module:
-    """timm weights from the local Hugging Face cache only (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    hint = (
-        f"no cached pretrained weights for '{backbone}'. Download them where there is network "
-        f"(python -c \"import timm; timm.create_model('{backbone}', pretrained=True)\") and copy the "
-        "Hugging Face cache, or pass pretrained=/path/to/weights.pth"
-    )
-    if not repo:
-        raise WeightsError(hint)
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        cached = try_to_load_from_cache(repo.split("@")[0], filename)
-        if isinstance(cached, str):
-            return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
-    raise WeightsError(hint)
+    if pretrained is None or not load:
+        return encoder, None
+    return encoder, load_pretrained(encoder, backbone, pretrained)
 
 
 class DeepLabV3Plus(nn.Module):
@@ -104,9 +66,14 @@ class DeepLabV3Plus(nn.Module):
         output_stride: int | None = None,
         dropout_fp: float = 0.5,
         mc_dropout: float = 0.3,
+        load_weights: bool = True,
     ):
+        """`load_weights=False`: the architecture and input normalisation of `pretrained`
+        without reading its file (a checkpoint's weights follow)."""
         super().__init__()
-        self.encoder = _create_encoder(backbone, pretrained, output_stride)
+        self.encoder, self.weights = _create_encoder(backbone, pretrained, output_stride, load_weights)
+        self.normalization = input_normalization(backbone, pretrained)
+        self.aspp_dilations = list(aspp_dilations)
         info = self.encoder.feature_info
         reductions = info.reduction()
         channels = info.channels()
@@ -167,7 +134,47 @@ class DeepLabV3Plus(nn.Module):
         return clean, perturbed
 
 
-def build_model(config, num_classes: int) -> DeepLabV3Plus:
+    @property
+    def output_stride(self) -> int:
+        return self.encoder.feature_info.reduction()[-1]
+
+    def describe(self) -> dict:
+        """For the run record: where the encoder's weights came from and the input scale."""
+        return {
+            "weights": self.weights.to_dict() if self.weights is not None else None,
+            "input_normalization": {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
+            "output_stride": self.output_stride,
+        }
+
+
+def aspp_reach(crop: int, output_stride: int, dilations) -> tuple[int, list[int]]:
+    """The last feature map's side at a `crop` input, and the dilations whose off-centre
+    taps never land on it (a 3x3 kernel dilated by d reads rows d apart: with d >= the
+    map's side, only its centre tap sees features, and the branch is a 1x1 convolution)."""
+    side = math.ceil(crop / output_stride)
+    return side, [d for d in dilations if d >= side]
+
+
+def build_model(config, num_classes: int, load_weights: bool = True) -> DeepLabV3Plus:
+    model = _build(config, num_classes, load_weights)
+    side, outside = aspp_reach(config.crop, model.output_stride, config.aspp_dilations)
+    if outside:
+        which = f"every dilation of {outside} reaches" if outside == list(config.aspp_dilations) else f"dilations {outside} of {list(config.aspp_dilations)} reach"
+        warnings.warn(
+            f"aspp_dilations: {which} past the last feature map ({side}x{side} at crop {config.crop}, output stride "
+            f"{model.output_stride}), so those branches only see their centre tap (1x1 convolutions). Use dilations "
+            f"below {side}, or output_stride=16 or 8 for a larger map",
+            ASPPFitWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+class ASPPFitWarning(UserWarning):
+    """An ASPP whose dilations do not fit the feature map it reads."""
+
+
+def _build(config, num_classes: int, load_weights: bool) -> DeepLabV3Plus:
     return DeepLabV3Plus(
         config.backbone,
         num_classes,
@@ -176,4 +183,5 @@ def build_model(config, num_classes: int) -> DeepLabV3Plus:
         pretrained=config.pretrained,
         output_stride=config.output_stride,
         dropout_fp=config.dropout_fp,
+        load_weights=load_weights,
     )

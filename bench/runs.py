@@ -7,7 +7,6 @@ record: no optimiser, no loaders, no W&B, nothing written.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
     if recorded and recorded != split.sha256:
         raise RunFolderError(f"{run}: the split files now in {split.origin} differ from the ones this run was trained on (sha256 in {RECORD})")
     target = resolve_device(device)
-    model = build_model(dataclasses.replace(config, pretrained=None), source.num_classes)  # weights: the checkpoint
+    model = build_model(config, source.num_classes, load_weights=False)  # weights: the checkpoint
     teacher = state.get("ema") is not None
     model.load_state_dict(state["ema"] if teacher else state["model"])
     return LoadedRun(run, config, record, model.to(target).eval(), teacher, state["iteration"], source, split, target)

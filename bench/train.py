@@ -124,7 +124,8 @@ def warm_start_weights(path: str, expected_hash: str | None) -> tuple[dict, str 
 
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with the head at `head_lr_mult` times the backbone's rate (UniMatch's recipe)."""
+    """SGD with the head at `head_lr_mult` times the backbone's rate (UniMatch's recipe for
+    a freshly initialised head; the config makes it 1 for a warm-started one)."""
     groups = [{"params": model.backbone_parameters(), "lr": cfg.lr}, {"params": model.head_parameters(), "lr": cfg.lr * cfg.head_lr_mult}]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -360,18 +361,19 @@ class Trainer:
         scale = (cfg.scale_min, cfg.scale_max)
         seed = cfg.seed + RANK_SEED_STRIDE * self.replicas.rank  # each worker its own batches
         args = dict(iters=cfg.iters, seed=seed, start=self.start_iter, workers=cfg.workers, pin_memory=self.device.type == "cuda")
-        lab = LabeledSet(self.source, self.split.labeled, cfg.crop, scale, cfg.seed)
+        norm = self.model.normalization
+        lab = LabeledSet(self.source, self.split.labeled, cfg.crop, scale, cfg.seed, norm)
         loaders = [iteration_loader(lab, cfg.batch_size, stream=1, **args)]
         if self.framework.semi_supervised:
-            unl = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, UNLABELED, cfg.csl_mask_view, cfg.blur_sigma)
-            mix = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, MIX, blur_sigma=cfg.blur_sigma)
+            unl = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, UNLABELED, cfg.csl_mask_view, cfg.blur_sigma, norm)
+            mix = UnlabeledSet(self.source, self.split.unlabeled, cfg.crop, scale, cfg.seed, MIX, blur_sigma=cfg.blur_sigma, normalize=norm)
             loaders += [iteration_loader(unl, cfg.u_batch_size, stream=UNLABELED, **args), iteration_loader(mix, cfg.u_batch_size, stream=MIX, **args)]
         return loaders
 
     def _eval_loader(self, entries=None):
         entries = self.split.val if entries is None else entries
         return torch.utils.data.DataLoader(
-            EvalSet(self.source, entries), batch_size=self.config.eval_batch_size, collate_fn=eval_collate, num_workers=self.config.workers, generator=torch.Generator()
+            EvalSet(self.source, entries, self.model.normalization), batch_size=self.config.eval_batch_size, collate_fn=eval_collate, num_workers=self.config.workers, generator=torch.Generator()
         )
 
     @property
@@ -482,6 +484,7 @@ class Trainer:
             "versions": library_versions(),
             "device": f"cuda: {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else f"cpu: {torch.get_num_threads()} threads",
             "determinism": self.determinism,
+            "model": {**self.model.describe(), "peak_lr": {"backbone": cfg.lr, "head": cfg.lr * cfg.head_lr_mult}},
             "started": _now(),
             "updated": _now(),
             "iteration": 0,

@@ -61,8 +61,9 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
         assert torch.equal(loaded.encoder.state_dict()[k], v)
     with pytest.raises(WeightsError, match="is not a file"):
         DeepLabV3Plus("test_resnet", num_classes=3, pretrained=str(tmp_path / "nope.pth"))
+    assert loaded.weights.tensors_loaded == len(source.encoder.state_dict()) == loaded.weights.tensors_in_file
     torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(WeightsError, match="none of its keys match"):
+    with pytest.raises(WeightsError, match=rf"does not fit the encoder: missing {len(source.encoder.state_dict())} "):
         DeepLabV3Plus("test_resnet", num_classes=3, pretrained=str(tmp_path / "bad.pth"))
 
 

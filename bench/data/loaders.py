@@ -43,8 +43,9 @@ class IterationSampler(Sampler):
 
 
 class LabeledSet(Dataset):
-    def __init__(self, source: Source, entries: list[Entry], crop: int, scale, seed: int):
+    def __init__(self, source: Source, entries: list[Entry], crop: int, scale, seed: int, normalize=T.normalize):
         self.source, self.entries, self.crop, self.scale, self.seed = source, entries, crop, scale, seed
+        self.normalize = normalize
 
     def __len__(self):
         return len(self.entries)
@@ -54,17 +55,21 @@ class LabeledSet(Dataset):
         g = T.sample_generator(self.seed, LABELED, t, slot)
         image, mask = T.to_tensor(*self.source.load(self.entries[index]))
         image, mask, _ = T.weak(image, mask, self.crop, self.scale, g)
-        return {"image": T.normalize(image), "mask": mask}
+        return {"image": self.normalize(image), "mask": mask}
 
 
 class UnlabeledSet(Dataset):
     """Weak view, two strong views, CutMix boxes and the padding mask; `gt` is the hidden
     truth, read only by the selection-quality meter. With `mask_view`, also the CSL masking
-    view (mild jitter to be hidden, or an ordinary strong view) and which of the two."""
+    view (mild jitter to be hidden, or an ordinary strong view) and which of the two.
+    `normalize` scales images as the encoder's weights expect (the model's `normalization`)."""
 
-    def __init__(self, source: Source, entries: list[Entry], crop: int, scale, seed: int, stream: int, mask_view: bool = False, blur_sigma=T.BLUR_SIGMA):
+    def __init__(
+        self, source: Source, entries: list[Entry], crop: int, scale, seed: int, stream: int, mask_view: bool = False, blur_sigma=T.BLUR_SIGMA, normalize=T.normalize
+    ):
         self.source, self.entries, self.crop, self.scale = source, entries, crop, scale
         self.seed, self.stream, self.mask_view, self.blur_sigma = seed, stream, mask_view, tuple(blur_sigma)
+        self.normalize = normalize
 
     def __len__(self):
         return len(self.entries)
@@ -75,9 +80,9 @@ class UnlabeledSet(Dataset):
         image, gt = T.to_tensor(*self.source.load(self.entries[index]))
         image, gt, inside = T.weak(image, gt, self.crop, self.scale, g)
         item = {
-            "weak": T.normalize(image),
-            "strong1": T.normalize(T.strong(image, g, self.blur_sigma)),
-            "strong2": T.normalize(T.strong(image, g, self.blur_sigma)),
+            "weak": self.normalize(image),
+            "strong1": self.normalize(T.strong(image, g, self.blur_sigma)),
+            "strong2": self.normalize(T.strong(image, g, self.blur_sigma)),
             "box1": T.cutmix_box(self.crop, g),
             "box2": T.cutmix_box(self.crop, g),
             "valid": inside,
@@ -85,21 +90,21 @@ class UnlabeledSet(Dataset):
         }
         if self.mask_view:
             hide = T.chance(g, 0.5)
-            item["masked"] = T.normalize(T.mild(image, g, self.blur_sigma) if hide else T.strong(image, g, self.blur_sigma))
+            item["masked"] = self.normalize(T.mild(image, g, self.blur_sigma) if hide else T.strong(image, g, self.blur_sigma))
             item["hide"] = torch.tensor(hide)
         return item
 
 
 class EvalSet(Dataset):
-    def __init__(self, source: Source, entries: list[Entry]):
-        self.source, self.entries = source, entries
+    def __init__(self, source: Source, entries: list[Entry], normalize=T.normalize):
+        self.source, self.entries, self.normalize = source, entries, normalize
 
     def __len__(self):
         return len(self.entries)
 
     def __getitem__(self, index):
         image, mask = T.to_tensor(*self.source.load(self.entries[index]))
-        return {"image": T.normalize(image), "mask": mask}
+        return {"image": self.normalize(image), "mask": mask}
 
 
 def eval_collate(items: list[dict]) -> list[dict]:

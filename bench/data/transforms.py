@@ -8,6 +8,7 @@ restarted.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ from torch import Tensor
 
 from bench.labels import IGNORE
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def sample_generator(*keys: int) -> torch.Generator:
@@ -44,8 +45,19 @@ def to_tensor(image_uint8, mask_uint8) -> tuple[Tensor, Tensor]:
     return image, mask
 
 
-def normalize(image: Tensor) -> Tensor:
-    return (image - MEAN) / STD
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel (x - mean) / std: the input scale an encoder's weights were trained with."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, image: Tensor) -> Tensor:
+        """(3, H, W) or (B, 3, H, W) in [0, 1] -> the network's input scale."""
+        return (image - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+
+normalize = Normalization()  # ImageNet's: for models trained from scratch
 
 
 def weak(
