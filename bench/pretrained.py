@@ -141,23 +141,33 @@ def read_weights(path: Path) -> dict[str, Tensor]:
 def load_pretrained(encoder: nn.Module, backbone: str, pretrained: str) -> WeightsInfo:
     """Fill `encoder` (timm, features_only) from `pretrained`: a PACKAGED name, a file path,
     or "timm" (the local timm cache, never the network)."""
+    check_weights(backbone, pretrained)
     if pretrained in PACKAGED:
-        _, architecture = PACKAGED[pretrained]
-        if backbone != architecture:
-            raise WeightsError(f"pretrained={pretrained} holds weights for backbone={architecture}, not backbone={backbone}; set backbone={architecture}")
         path = packaged_file(pretrained)
         state = lite_to_timm(torch.load(path, map_location="cpu", weights_only=True), encoder)
         return load_strict(encoder, state, f"{pretrained} ({PACKAGED[pretrained][0]}: {path.name})", sha256_of(path))
     if pretrained == "timm":
         raise ValueError("pretrained=timm builds its own encoder: call timm_cached_encoder")
     path = Path(pretrained).expanduser()
-    if not path.is_file():
+    return load_strict(encoder, read_weights(path), str(path), sha256_of(path))
+
+
+def check_weights(backbone: str, pretrained: str) -> None:
+    """Raise WeightsError (with the fix) unless `pretrained` can be loaded here without a
+    network: before a sweep starts, not in its hundredth trial."""
+    if pretrained in PACKAGED:
+        architecture = PACKAGED[pretrained][1]
+        if backbone != architecture:
+            raise WeightsError(f"pretrained={pretrained} holds weights for backbone={architecture}, not backbone={backbone}; set backbone={architecture}")
+        packaged_file(pretrained)
+    elif pretrained == "timm":
+        timm_cache_file(backbone)
+    elif not Path(pretrained).expanduser().is_file():
         raise WeightsError(
             f"pretrained={pretrained!r} is not a file; pass a local weights file (.pth/.safetensors), "
             f"one of {sorted(PACKAGED)} (weights shipped by pip packages), or pretrained=timm "
             "for weights already in the local timm/Hugging Face cache"
         )
-    return load_strict(encoder, read_weights(path), str(path), sha256_of(path))
 
 
 def timm_cached_encoder(backbone: str, kwargs: dict) -> tuple[nn.Module, WeightsInfo]:

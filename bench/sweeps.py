@@ -248,6 +248,7 @@ def check_inputs(configs: dict[str, TrainConfig], warm_starts: set[str] = frozen
     is missing and which trials need it, before any trial is scheduled."""
     from bench.data.sources import DataError, get_source
     from bench.data.splits import load_split
+    from bench.pretrained import WeightsError, check_weights
 
     problems: dict[str, list[str]] = {}
     seen: dict[tuple, str | None] = {}
@@ -263,8 +264,11 @@ def check_inputs(configs: dict[str, TrainConfig], warm_starts: set[str] = frozen
                 seen[key] = str(exc)
         if seen[key]:
             problems.setdefault(seen[key], []).append(label)
-        if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
-            problems.setdefault(f"pretrained={cfg.pretrained} is not a file", []).append(label)
+        if cfg.pretrained is not None:
+            try:
+                check_weights(cfg.backbone, cfg.pretrained)
+            except WeightsError as exc:
+                problems.setdefault(str(exc), []).append(label)
         if cfg.init_from and cfg.init_from not in warm_starts and not Path(cfg.init_from).exists():
             problems.setdefault(f"init_from={cfg.init_from} does not exist", []).append(label)
     if problems:

@@ -164,3 +164,21 @@ def test_a_model_whose_aspp_misses_its_map_is_flagged(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_model(fits, 3)
+
+
+def test_a_sweep_whose_weights_are_not_here_stops_before_anything_runs(tmp_path, monkeypatch):
+    from bench.sweeps import SweepError, check_inputs
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache" / "hub"))
+    configs = {
+        "timm": load_config(overrides=["backbone=resnet18", "pretrained=timm", f"out={tmp_path / 'a'}"]),
+        "lite": load_config(overrides=["backbone=resnet18", "pretrained=efficientnet_lite0", f"out={tmp_path / 'b'}"]),
+        "fine": load_config(overrides=["backbone=tf_efficientnet_lite0", "pretrained=efficientnet_lite0", f"out={tmp_path / 'c'}"]),
+    }
+    with pytest.raises(SweepError) as caught:
+        check_inputs(configs)
+    message = str(caught.value)
+    assert "no cached pretrained weights for 'resnet18'" in message and "pretrained=/path/to/weights.pth" in message
+    assert "set backbone=tf_efficientnet_lite0" in message and "needed by 1 trials: lite" in message
+    assert "needed by 1 trials: fine" not in message
