@@ -16,10 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
 from bench.pretrained import WeightsError, WeightsInfo, input_normalization, load_pretrained, timm_cached_encoder
 
-__all__ = ["ASPP", "DeepLabV3Plus", "WeightsError", "aspp_reach", "build_model"]
+__all__ = ["ASPP", "ASPPFitWarning", "DeepLabV3Plus", "WeightsError", "aspp_reach", "build_model"]
+
+
+class ASPPFitWarning(UserWarning):
+    """An ASPP whose dilations do not fit the feature map it reads."""
 
 
 def _conv_bn(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -73,7 +76,6 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         self.encoder, self.weights = _create_encoder(backbone, pretrained, output_stride, load_weights)
         self.normalization = input_normalization(backbone, pretrained)
-        self.aspp_dilations = list(aspp_dilations)
         info = self.encoder.feature_info
         reductions = info.reduction()
         channels = info.channels()
@@ -156,7 +158,16 @@ def aspp_reach(crop: int, output_stride: int, dilations) -> tuple[int, list[int]
 
 
 def build_model(config, num_classes: int, load_weights: bool = True) -> DeepLabV3Plus:
-    model = _build(config, num_classes, load_weights)
+    model = DeepLabV3Plus(
+        config.backbone,
+        num_classes,
+        head_channels=config.head_channels,
+        aspp_dilations=config.aspp_dilations,
+        pretrained=config.pretrained,
+        output_stride=config.output_stride,
+        dropout_fp=config.dropout_fp,
+        load_weights=load_weights,
+    )
     side, outside = aspp_reach(config.crop, model.output_stride, config.aspp_dilations)
     if outside:
         which = f"every dilation of {outside} reaches" if outside == list(config.aspp_dilations) else f"dilations {outside} of {list(config.aspp_dilations)} reach"
@@ -169,19 +180,3 @@ def build_model(config, num_classes: int, load_weights: bool = True) -> DeepLabV
         )
     return model
 
-
-class ASPPFitWarning(UserWarning):
-    """An ASPP whose dilations do not fit the feature map it reads."""
-
-
-def _build(config, num_classes: int, load_weights: bool) -> DeepLabV3Plus:
-    return DeepLabV3Plus(
-        config.backbone,
-        num_classes,
-        head_channels=config.head_channels,
-        aspp_dilations=config.aspp_dilations,
-        pretrained=config.pretrained,
-        output_stride=config.output_stride,
-        dropout_fp=config.dropout_fp,
-        load_weights=load_weights,
-    )
