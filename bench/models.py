@@ -179,4 +179,3 @@ def build_model(config, num_classes: int, load_weights: bool = True) -> DeepLabV
             stacklevel=2,
         )
     return model
-

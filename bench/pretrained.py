@@ -10,7 +10,6 @@ only mean something for inputs scaled the way they were trained on.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.resources
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -52,9 +52,13 @@ class Normalization:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self):  # built once: __call__ runs for every view of every sample
+        object.__setattr__(self, "_mean", torch.tensor(self.mean).view(3, 1, 1))
+        object.__setattr__(self, "_std", torch.tensor(self.std).view(3, 1, 1))
+
     def __call__(self, image: Tensor) -> Tensor:
         """(3, H, W) or (B, 3, H, W) in [0, 1] -> the network's input scale."""
-        return (image - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+        return (image - self._mean) / self._std
 
 
 normalize = Normalization()  # ImageNet's: for models trained from scratch
