@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bench.runtime import keep_freed_memory  # noqa: E402
+from bench.harness.runtime import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # the same allocator setting as the CLI, for both sides of every ratio
 torch.set_num_threads(int(os.environ.get("CSLBENCH_THREADS", "2")))

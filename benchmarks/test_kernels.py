@@ -3,22 +3,25 @@ threshold timed in the same run on the same tensors.
 
     pytest benchmarks/ --benchmark-group-by=param:shape        # CPU, 2 threads
     CSLBENCH_THREADS=8 pytest benchmarks/ -k csl               # other thread counts
+    CSLBENCH_QUICK=1 pytest benchmarks/                          # the small shape, fewer rounds (CI)
 
 Each benchmark stores `ratio_to_bare` (and for CSL `speedup_vs_svd_loop`) in extra_info;
 `--benchmark-json FILE` keeps them. Nothing here asserts a wall time: the ratios are
 printed at the end of the session for a person to read.
 """
 
+import os
 import statistics
 import time
 
 import pytest
 import torch
 
-from bench.kernels import available_context, bare_threshold, svd_loop_csl, synthetic_inputs
-from bench.selection import available_selectors, build_context, get_selector
+from bench.tools.kernels import available_context, bare_threshold, svd_loop_csl, synthetic_inputs
+from bench.contract import available_selectors, build_context, get_selector
 
-SHAPES = {"8x21x128x128": (8, 21, 128, 128), "16x21x256x256": (16, 21, 256, 256)}
+QUICK = os.environ.get("CSLBENCH_QUICK") == "1"
+SHAPES = {"8x21x128x128": (8, 21, 128, 128)} if QUICK else {"8x21x128x128": (8, 21, 128, 128), "16x21x256x256": (16, 21, 256, 256)}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 _inputs: dict = {}
 _reference_ms: dict = {}
@@ -45,7 +48,7 @@ def reference_ms(kind, shape, device):
         fn = (lambda: bare_threshold(probs, valid)) if kind == "bare" else (lambda: svd_loop_csl(probs, valid))
         fn()
         times = []
-        for _ in range(15 if kind == "bare" else 5):
+        for _ in range((15 if kind == "bare" else 5) // (3 if QUICK else 1)):
             t0 = time.perf_counter()
             fn()
             sync(device)
@@ -71,7 +74,8 @@ def test_selector_speed(benchmark, ratio_log, name, shape, device):
         sync(device)
 
     benchmark.group = f"{shape} {device}"
-    benchmark.pedantic(run, rounds=5 if name != "bare" and sel.mc_passes else 15, warmup_rounds=1)
+    rounds = 5 if name != "bare" and sel.mc_passes else 15
+    benchmark.pedantic(run, rounds=max(2, rounds // 3) if QUICK else rounds, warmup_rounds=1)
     median_ms = benchmark.stats.stats.median * 1e3
     ratio = median_ms / reference_ms("bare", shape, device)
     benchmark.extra_info["ratio_to_bare"] = round(ratio, 3)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bench.confidence import ClassMoments
+from bench.contract.confidence import ClassMoments
 
 FEATURES = ("cv", "cgv", "logc_neg_gv")
 VARIANCES = ("author", "exact")

@@ -8,13 +8,12 @@ rule) is the reliable one; pixels more confident or less spread than its mean ge
 
 from __future__ import annotations
 
-from bench.compiled import maybe_compiled
-from bench.selection import Selection, Selector, register_selector
+from bench.contract.compiled import maybe_compiled
+from bench.contract import Selection, Selector
 from csl.features import FEATURES, VARIANCES, confidence_features
 from csl.split import PICKS, cluster_stats, gaussian_weights, reliable_cluster, spectral_split
 
 
-@register_selector("csl")
 class ConfidenceSeparable(Selector):
     def __init__(
         self,

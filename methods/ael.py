@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from bench.selection import Selector, register_selector, soft_selection
+from bench.contract import Selector, soft_selection
 
 
-@register_selector("ael")
 class ConfidencePower(Selector):
     """Soft weights; as for every soft selector the reliable set is the pixels at full
     weight (here C == 1), so AEL is judged by its weighted precision."""

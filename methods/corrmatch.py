@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 
 def class_max_confidence(confidence, label, valid, num_classes):
@@ -25,7 +25,6 @@ def class_max_confidence(confidence, label, valid, num_classes):
     return out[:num_classes]
 
 
-@register_selector("corrmatch")
 class CorrMatchThreshold(Selector):
     def __init__(self, num_classes: int, tau_init: float = 0.85, momentum: float = 0.999):
         super().__init__(num_classes)

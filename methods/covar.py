@@ -6,11 +6,9 @@ and the reliable cluster picked by mu_C - lam mu_gV (`pick="linear"`, lam = 0.25
 
 from __future__ import annotations
 
-from bench.selection import register_selector
 from csl.selector import ConfidenceSeparable
 
 
-@register_selector("covar")
 class ConfidenceVariance(ConfidenceSeparable):
     def __init__(
         self,

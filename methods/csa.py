@@ -37,7 +37,7 @@ from statistics import NormalDist
 
 import torch
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 ROUNDS = 5
 POOLS = ("batch", "image")
@@ -145,7 +145,6 @@ def capped_assignment(plan_row_class, score, candidate, cap):
     return torch.zeros_like(candidate).scatter(1, order, keep_sorted)
 
 
-@register_selector("csa")
 class ConfidentSinkhorn(Selector):
     context_keys = ("mc_logits", "labeled_target", "progress")
 

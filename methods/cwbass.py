@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from bench.selection import Selector, masked_mean, register_selector, soft_selection
+from bench.contract import Selector, masked_mean, soft_selection
 
 TAU_BOUNDS = (0.3, 0.8)  # hard-coded in the authors' code
 
 
-@register_selector("cwbass")
 class ConfidenceWeighted(Selector):
     def __init__(
         self,

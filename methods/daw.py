@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from bench.confidence import class_moments
+from bench.contract.confidence import class_moments
 from bench.labels import IGNORE
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 
 def gaussian_crossing(mu_a, var_a, mu_b, var_b) -> torch.Tensor:
@@ -44,7 +44,6 @@ def gaussian_crossing(mu_a, var_a, mu_b, var_b) -> torch.Tensor:
     return torch.where(linear, linear_root, quadratic)
 
 
-@register_selector("daw")
 class DistributionAwareThreshold(Selector):
     context_keys = ("labeled_probs", "labeled_target")
 

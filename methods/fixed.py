@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 
-@register_selector("fixed")
 class FixedThreshold(Selector):
     """w = 1[C >= tau]."""
 
@@ -19,7 +18,6 @@ class FixedThreshold(Selector):
         return hard_selection(moments.label, moments.confidence >= self.tau, valid)
 
 
-@register_selector("all")
 class AllPixels(Selector):
     """Every valid pixel with weight 1: the no-selection baseline."""
 

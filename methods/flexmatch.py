@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 
-@register_selector("flexmatch")
 class FlexibleThreshold(Selector):
     def __init__(self, num_classes: int, tau: float = 0.95, window: int = 64):
         super().__init__(num_classes)

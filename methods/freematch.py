@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 
-@register_selector("freematch")
 class SelfAdaptiveThreshold(Selector):
     """w = 1[C >= tau_t * p_t[k*] / max_k p_t[k]], with the global threshold
     tau_t = m tau + (1-m) mean(C) and class-wise p_t = m p + (1-m) mean(P) over the

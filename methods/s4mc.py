@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 BETA = math.exp(-0.5)
 INDICATORS = ("margin", "confidence", "entropy")
@@ -68,7 +68,6 @@ def same_class_pair_counts(target, num_classes):
     return same[:num_classes], total[:num_classes]
 
 
-@register_selector("s4mc")
 class MarginalContext(Selector):
     context_keys = ("progress", "labeled_target")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.selection import Selector, register_selector, soft_selection
+from bench.contract import Selector, soft_selection
 from methods.fixed import FixedThreshold
 
 
@@ -35,7 +35,6 @@ def _image_weight(label, per_image, valid):
     return soft_selection(label, weight, valid, reliable=weight > 0)
 
 
-@register_selector("semivl_ratio")
 class ConfidentPixelRatio(FixedThreshold):
     """w = r_b = #(valid & C >= tau in image b) / #valid in b, on b's valid pixels (the
     threshold and its check are fixed's)."""
@@ -45,7 +44,6 @@ class ConfidentPixelRatio(FixedThreshold):
         return _image_weight(moments.label, ratio, valid)
 
 
-@register_selector("semivl_avg")
 class MeanConfidence(Selector):
     """w = a_b = mean of C over image b's valid pixels, on b's valid pixels."""
 

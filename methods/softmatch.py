@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.selection import Selector, register_selector, soft_selection
+from bench.contract import Selector, soft_selection
 
 
-@register_selector("softmatch")
 class TruncatedGaussian(Selector):
     """w = exp(-min(C - mu_t, 0)^2 / (2 var_t / n_sigma^2)), with EMA estimates of the mean
     and variance of C over valid pixels, updated with the current batch before weighting.

@@ -14,10 +14,9 @@ import math
 
 import torch
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 
-@register_selector("u2pl")
 class EntropyPercentile(Selector):
     context_keys = ("progress",)
 

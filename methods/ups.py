@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.selection import Selector, hard_selection, register_selector
+from bench.contract import Selector, hard_selection
 
 
 def _std_mean_over_passes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +26,6 @@ def _std_mean_over_passes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sq.div_(p.shape[0] - 1).sqrt_(), mean
 
 
-@register_selector("ups")
 class UncertaintyAware(Selector):
     context_keys = ("mc_logits",)
     required_context = ("mc_logits",)

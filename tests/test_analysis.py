@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-import bench.selection as selection
-from bench import analysis
-from bench.analysis import Predictions, _precision_at_count, select_eval
-from bench.probability_field import prediction_field
+import bench.contract as selection
+from bench.harness import analysis
+from bench.harness.analysis import Predictions, _precision_at_count, select_eval
+from bench.tools.probability_field import prediction_field
 
 
 def test_precision_at_count_matches_sorting():
@@ -61,8 +61,7 @@ class NextClass(selection.Selector):
 
 
 @pytest.fixture
-def test_selectors(monkeypatch):
-    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
+def test_selectors(scoped_registry):
     selection.register_selector("least-confident")(LeastConfident)
     selection.register_selector("next-class")(NextClass)
 

@@ -2,7 +2,7 @@ import pytest
 
 from pathlib import Path
 
-from bench.config import ConfigError, TrainConfig, config_differences, from_dict, load_config, parse_overrides
+from bench.harness.config import ConfigError, TrainConfig, config_differences, from_dict, load_config, parse_overrides
 
 
 def test_defaults_resolve_dataset_dependent_values():

@@ -254,7 +254,7 @@ def test_synthetic_scenes_are_deterministic_and_imbalanced():
 
 
 def test_cli_data_split_writes_the_split(tmp_path, capsys):
-    from bench.cli import main
+    from bench.orchestration.cli import main
 
     make_camvid(tmp_path / "data", n_train=8)
     main(["data", "split", "--dataset", "camvid", "--root", str(tmp_path / "data"), "--labeled", "3", "--seed", "0", "--out", str(tmp_path / "splits")])
@@ -328,7 +328,7 @@ def test_synthetic_scenes_are_drawn_once_per_process(monkeypatch):
 
 
 def test_resize_must_be_height_and_width():
-    from bench.config import ConfigError, load_config
+    from bench.harness.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"resize is \[height, width\]"):
         load_config(overrides=["resize=[120]"])

@@ -172,9 +172,9 @@ def test_members_leaving_the_root_are_refused(server, tmp_path):
 
 
 def test_cli_prints_the_steps_for_datasets_behind_a_login(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "data", "download", "cityscapes", "--root", str(tmp_path / "cs")], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "bench.orchestration.cli", "data", "download", "cityscapes", "--root", str(tmp_path / "cs")], capture_output=True, text=True)
     assert run.returncode == 1 and "register at https://www.cityscapes-dataset.com" in run.stderr and str(tmp_path / "cs") in run.stderr
-    check = subprocess.run([sys.executable, "-m", "bench.cli", "data", "check", "--dataset", "camvid", "--root", str(tmp_path)], capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-m", "bench.orchestration.cli", "data", "check", "--dataset", "camvid", "--root", str(tmp_path)], capture_output=True, text=True)
     assert check.returncode == 1 and "camvid" in check.stderr and "train" in check.stderr
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import tracking
-from bench.config import load_config
-from bench.leaderboard import load_rows
-from bench.records import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
-from bench.train import DivergedError, Trainer
+from bench.harness import tracking
+from bench.harness.config import load_config
+from bench.results.leaderboard import load_rows
+from bench.harness.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
+from bench.harness.failures import DivergedError
+from bench.harness.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO / ".." / "shared" / "data" / "camvid"
@@ -50,14 +51,14 @@ class Stop(Exception):
 def interrupted(out: Path, at: int, *extra) -> Trainer:
     """A run that stops (an exception, as a crash would) while training step `at` runs."""
     trainer = Trainer(config(out, *extra), show_progress=False)
-    step = trainer.train_step
+    step = trainer.optimise
 
     def step_or_stop(t, *args):
         if t + 1 == at:
             raise Stop(f"stopped at {at}")
         return step(t, *args)
 
-    trainer.train_step = step_or_stop
+    trainer.optimise = step_or_stop
     with pytest.raises(Stop):
         trainer.run()
     return trainer
@@ -76,11 +77,11 @@ def test_divergence_stops_the_run_as_failed_and_says_where(tmp_path, extra):
 def test_a_selector_misuse_found_later_names_the_step_where_it_happened(tmp_path):
     """Value checks run on the device and are read at log steps; the error still names the
     step whose probabilities were wrong."""
-    from bench.train import SelectorInputError
+    from bench.harness.failures import SelectorInputError
 
     trainer = Trainer(config(tmp_path / "run", "iters=6", "log_every=4", "eval_every=6", "selector=fixed"), show_progress=False)
-    select = trainer.selector.select
-    trainer.selector.select = lambda probs, valid, **context: select(probs * (3.0 if trainer.checks.iteration == 3 else 1.0), valid, **context)
+    select = trainer.parts.seam.selector.select
+    trainer.parts.seam.selector.select = lambda probs, valid, **context: select(probs * (3.0 if trainer.parts.seam.checks.iteration == 3 else 1.0), valid, **context)
     with pytest.raises(SelectorInputError, match=r"selector 'fixed': probs must be probabilities that sum to 1.*\(at iteration 3\)"):
         trainer.run()
     record = json.loads((tmp_path / "run" / "record.json").read_text())
@@ -122,12 +123,12 @@ def test_no_readable_checkpoint_is_an_error_naming_the_files(tmp_path):
 def test_kill_9_during_a_checkpoint_write_resumes_to_the_uninterrupted_result(tmp_path):
     common = TINY + ["iters=8", "checkpoint_every=2", "selector=csl"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cli = [sys.executable, "-m", "bench.cli", "train", "--threads", "1"]
+    cli = [sys.executable, "-m", "bench.orchestration.cli", "train", "--threads", "1"]
     subprocess.run(cli + common + [f"out={tmp_path / 'whole'}"], check=True, env=env, capture_output=True)
     # The process writes half of its second checkpoint, then dies by SIGKILL mid-write.
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
-        import bench.records as records
+        import bench.harness.checkpoint as checkpoint
         real, calls = torch.save, []
         def dying_save(state, f):
             calls.append(1)
@@ -137,8 +138,8 @@ def test_kill_9_during_a_checkpoint_write_resumes_to_the_uninterrupted_result(tm
                 f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2]); f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
             real(state, f)
-        records.torch.save = dying_save
-        from bench.cli import main
+        checkpoint.torch.save = dying_save
+        from bench.orchestration.cli import main
         main(["train", "--threads", "1", *{common + [f"out={tmp_path / 'cut'}"]!r}])
     """)
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
@@ -149,7 +150,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_to_the_uninterrupted_result(tm
 
 
 def test_the_record_says_complete_only_after_the_final_checkpoint(tmp_path, monkeypatch):
-    import bench.train as train
+    import bench.harness.train as train
 
     trainer = Trainer(config(tmp_path / "run", "iters=4", "checkpoint_every=10"), show_progress=False)
     real = train.save_checkpoint
@@ -176,8 +177,8 @@ def test_a_corrupt_record_is_listed_as_unreadable_and_rebuilt_on_resume(tmp_path
     rows, others = load_rows(tmp_path)
     assert rows.is_empty() and others["status"].to_list() == ["unreadable"]
     record = Trainer(config(out, "iters=6", "checkpoint_every=2"), resume=True, show_progress=False).run()
-    assert record["status"] == "complete" and record["resumed_from"] == 4
-    assert [c["iter"] for c in record["curves"]] == [2, 3, 4, 6]  # curves came back from the checkpoint
+    assert record.status == "complete" and record.resumed_from == 4
+    assert [c["iter"] for c in record.curves] == [2, 3, 4, 6]  # curves came back from the checkpoint
 
 
 class FakeRun:
@@ -216,7 +217,7 @@ def test_wandb_failing_mid_run_does_not_stop_the_run(tmp_path, monkeypatch):
     runs = fake_wandb(monkeypatch, log_fails_after=1)
     with pytest.warns(UserWarning, match="W&B log failed .*unreachable"):
         record = Trainer(config(tmp_path / "run", "iters=6", "wandb_mode=online"), show_progress=False).run()
-    assert record["status"] == "complete" and runs[0].logged == [2] and runs[0].exit_code == 0
+    assert record.status == "complete" and runs[0].logged == [2] and runs[0].exit_code == 0
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
@@ -235,7 +236,7 @@ def test_cli_train_on_camvid_prints_undefined_precision_as_a_dash(tmp_path):
     """10 iterations from scratch: nothing passes 0.95 yet, so precision is undefined."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     run = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "train", "dataset=camvid", f"root={os.path.relpath(CAMVID, tmp_path)}",
+        [sys.executable, "-m", "bench.orchestration.cli", "train", "dataset=camvid", f"root={os.path.relpath(CAMVID, tmp_path)}",
          "selector=fixed", "iters=3", "eval_every=3", *TINY[:3], *TINY[4:], "out=run"],
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
@@ -246,9 +247,9 @@ def test_cli_train_on_camvid_prints_undefined_precision_as_a_dash(tmp_path):
 
 
 def test_every_printer_shows_undefined_numbers_as_a_dash():
-    from bench.analysis import format_select_eval
-    from bench.cli import show
-    from bench.demo import COLUMNS, format_quality
+    from bench.harness.analysis import format_select_eval
+    from bench.orchestration.cli import show
+    from bench.tools.demo import COLUMNS, format_quality
 
     assert [show(v) for v in (None, float("nan"), 0.5)] == ["–", "–", "0.5000"]
     row = format_select_eval([{"name": "x", "coverage": 0.0, "precision": None, "recall": 0.0, "auroc": None, "precision_gain": float("nan"), "gain_ci": None}])
@@ -258,14 +259,14 @@ def test_every_printer_shows_undefined_numbers_as_a_dash():
 
 
 def test_a_run_started_from_a_warm_start_reloads_for_analysis(tmp_path):
-    from bench.runs import load_run
+    from bench.harness.runs import load_run
 
     Trainer(config(tmp_path / "warm", "iters=2", "framework=supervised"), show_progress=False).run()
     main = Trainer(config(tmp_path / "main", "iters=2", f"init_from={tmp_path / 'warm'}"), show_progress=False)
     warm_record = json.loads((tmp_path / "warm" / "record.json").read_text())
-    assert main.config.init_from_hash == main.record["config"]["init_from_hash"] == warm_record["config_hash"]
+    assert main.config.init_from_hash == main.books.record.config["init_from_hash"] == warm_record["config_hash"]
     warm = torch.load(tmp_path / "warm" / CHECKPOINT, weights_only=True)["model"]
-    assert all(torch.equal(v, warm[k]) for k, v in main.model.state_dict().items())  # the warm weights are loaded
+    assert all(torch.equal(v, warm[k]) for k, v in main.parts.model.state_dict().items())  # the warm weights are loaded
     main.run()
     loaded = load_run(tmp_path / "main")
     saved = torch.load(tmp_path / "main" / CHECKPOINT, weights_only=True)["model"]
@@ -277,8 +278,8 @@ def test_load_run_gives_the_model_that_made_the_reported_miou(tmp_path):
     """With an EMA teacher the evaluated model is the teacher, not the student: evaluating
     what load_run returns must reproduce the record's final mIoU exactly."""
     from bench.data.loaders import EvalSet
-    from bench.evaluate import evaluate
-    from bench.runs import load_run
+    from bench.harness.evaluate import evaluate
+    from bench.harness.runs import load_run
 
     out = tmp_path / "ema"
     record = Trainer(config(out, "iters=3", "ema_teacher=true", "selector=fixed", "selector.tau=0.5"), show_progress=False).run()
@@ -289,7 +290,7 @@ def test_load_run_gives_the_model_that_made_the_reported_miou(tmp_path):
     loader = torch.utils.data.DataLoader(EvalSet(run.source, run.split.val), batch_size=1)
     cfg = run.config
     again = evaluate(run.model, loader, run.num_classes, cfg.eval_mode, cfg.eval_crop or cfg.crop, cfg.eval_stride, run.device, contextlib.nullcontext)
-    assert again["miou"] == record["final"]["miou"]
+    assert again["miou"] == record.final["miou"]
 
 
 def test_a_loader_worker_error_is_reported_as_the_original(tmp_path):
@@ -318,7 +319,7 @@ def test_a_loader_worker_error_is_reported_as_the_original(tmp_path):
 def test_load_run_refuses_weights_older_than_the_record(tmp_path):
     """A complete record with only the previous checkpoint readable: those weights did not
     make the reported mIoU, so analysis must not silently use them."""
-    from bench.runs import RunFolderError, load_run
+    from bench.harness.runs import RunFolderError, load_run
 
     out = tmp_path / "run"
     Trainer(config(out, "iters=4", "checkpoint_every=2", "probe_images=0"), show_progress=False).run()

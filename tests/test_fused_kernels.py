@@ -12,10 +12,10 @@ import warnings
 import pytest
 import torch
 
-import bench.compiled as compiled
-from bench.confidence import _class_moments_cpu, _reduced_moments
-from bench.kernels import available_context
-from bench.selection import available_selectors, build_context, get_selector
+import bench.contract.compiled as compiled
+from bench.contract.confidence import _class_moments_cpu, _reduced_moments
+from bench.tools.kernels import available_context
+from bench.contract import available_selectors, build_context, get_selector
 
 FIELDS = ("confidence", "label", "ties", "below_sum", "below_sq")
 
@@ -58,7 +58,7 @@ def assert_moments_match(moments, probs):
 def test_cpu_loop_and_gpu_reductions_match_the_definitions(case):
     probs = inputs()[case]
     assert_moments_match(_class_moments_cpu(probs), probs)
-    from bench.confidence import ClassMoments
+    from bench.contract.confidence import ClassMoments
 
     assert_moments_match(ClassMoments(*_reduced_moments.fn(probs)), probs)
 
@@ -72,7 +72,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def interpreted_triton():
     if not INTERPRETED:
         pytest.skip("runs in the child process of test_triton_kernel_through_the_interpreter")
-    import bench.triton_moments as module
+    import bench.contract.triton_moments as module
 
     return module
 
@@ -135,7 +135,7 @@ def test_compiled_selectors_give_the_eager_results(monkeypatch):
         torch.testing.assert_close(fused.weight, eager.weight, atol=1e-5, rtol=0, msg=name)
         assert torch.equal(fused.label, eager.label), name
         assert (fused.reliable != eager.reliable).sum() <= 1, name
-    from bench.confidence import _reduced_moments as moments
+    from bench.contract.confidence import _reduced_moments as moments
     from csl.selector import csl_weight
 
     assert not moments.failed and not csl_weight.failed  # they really compiled

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from bench.config import load_config
-from bench.train import Trainer
+from bench.harness.config import load_config
+from bench.harness.train import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -31,11 +31,11 @@ def _record(out):
 def test_kill_and_resume_with_deterministic_kernels_repeats_the_record_on_cuda(tmp_path):
     whole = Trainer(load_config(overrides=TINY + [f"out={tmp_path / 'whole'}"]), show_progress=False)
     whole.run()
-    assert whole.record["determinism"]["enabled"] and whole.record["determinism"]["cudnn_deterministic"]
+    assert whole.books.record.determinism["enabled"] and whole.books.record.determinism["cudnn_deterministic"]
 
     cut = Trainer(load_config(overrides=TINY + [f"out={tmp_path / 'cut'}"]), show_progress=False)
-    step = cut.train_step
-    cut.train_step = lambda t, batch: (_ for _ in ()).throw(Stop()) if t + 1 == 5 else step(t, batch)
+    step = cut.optimise
+    cut.optimise = lambda t, batch: (_ for _ in ()).throw(Stop()) if t + 1 == 5 else step(t, batch)
     with pytest.raises(Stop):
         cut.run()
     Trainer(load_config(overrides=TINY + [f"out={tmp_path / 'cut'}"]), resume=True, show_progress=False).run()
@@ -51,8 +51,8 @@ def _reference(probs):
 
 @pytest.mark.parametrize("shape", [(2, 21, 65, 97), (1, 2, 8, 8), (3, 19, 1, 1)])
 def test_triton_and_compiled_moments_on_cuda_match_the_definitions(shape, monkeypatch):
-    from bench.confidence import ClassMoments, _reduced_moments
-    from bench.triton_moments import triton_class_moments
+    from bench.contract.confidence import ClassMoments, _reduced_moments
+    from bench.contract.triton_moments import triton_class_moments
 
     g = torch.Generator().manual_seed(0)
     probs = (torch.randn(*shape, generator=g) * 3).softmax(1).cuda()
@@ -67,8 +67,8 @@ def test_triton_and_compiled_moments_on_cuda_match_the_definitions(shape, monkey
 
 @pytest.mark.parametrize("mode", ["eager", "compile", "triton"])
 def test_every_selector_on_cuda_matches_its_cpu_output(mode, monkeypatch):
-    from bench.kernels import available_context
-    from bench.selection import available_selectors, build_context, get_selector
+    from bench.tools.kernels import available_context
+    from bench.contract import available_selectors, build_context, get_selector
 
     g = torch.Generator().manual_seed(1)
     probs = (torch.randn(2, 5, 24, 24, generator=g) * 3).softmax(1)

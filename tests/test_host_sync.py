@@ -8,10 +8,9 @@ import contextlib
 import pytest
 import torch
 
-from bench.config import load_config
-from bench.host_sync import HostSyncError, cuda_sync_errors, no_host_reads
-from bench.selection import available_selectors
-from bench.train import Trainer
+from bench.harness.config import load_config
+from bench.tools.host_reads import HostReadError, cuda_sync_errors, no_host_reads
+from bench.harness.train import Trainer
 
 TINY = [
     "backbone=test_resnet", "crop=32", "batch_size=2", "iters=4", "eval_every=4", "log_every=2",
@@ -42,7 +41,7 @@ FRAMEWORKS = {
 )
 def test_every_kind_of_host_read_is_caught(call):
     x = torch.rand(2, 2)
-    with pytest.raises(HostSyncError, match="sync-free region"):
+    with pytest.raises(HostReadError, match="reads a tensor on the host"):
         with no_host_reads():
             call(x)
 
@@ -59,36 +58,36 @@ def test_device_side_work_passes():
 def _steps_without_host_reads(tmp_path, device, extra, guard):
     cfg = load_config(overrides=TINY + [f"out={tmp_path / 'run'}", f"device={device}", *extra])
     trainer = Trainer(cfg, show_progress=False)
-    trainer.model.train()
-    streams = [iter(loader) for loader in trainer._loaders()]
+    trainer.parts.model.train()
+    streams = [iter(loader) for loader in trainer.parts.train_loaders(0)]
     for t in range(3):
         loaded = [next(s) for s in streams]  # loading is host work, outside the region
         # On CUDA the first step moves CPU-created selector state to the device (once per
         # run or resume); every step after it must not wait for the GPU.
         first_on_cuda = t == 0 and device == "cuda"
         with contextlib.nullcontext() if first_on_cuda else guard():
-            trainer.iteration(t, loaded)
-    trainer._read_step_results()  # and what was deferred is still read and checked
+            trainer.step(t, loaded)
+    trainer.read_steps()  # and what was deferred is still read and checked
     return trainer
 
 
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
-@pytest.mark.parametrize("selector", available_selectors())
+@pytest.mark.every_selector("selector")
 def test_a_training_step_reads_nothing_on_the_host(tmp_path, framework, selector):
     trainer = _steps_without_host_reads(tmp_path, "cpu", FRAMEWORKS[framework] + [f"selector={selector}"], no_host_reads)
-    assert trainer.log.pending_steps == 3
-    assert trainer.log.meter.compute()["pixels"] > 0
+    assert trainer.parts.log.pending_steps == 3
+    assert trainer.parts.log.meter.compute()["pixels"] > 0
 
 
 def test_a_supervised_step_reads_nothing_on_the_host(tmp_path):
     trainer = _steps_without_host_reads(tmp_path, "cpu", ["framework=supervised"], no_host_reads)
-    assert trainer.log.pending_steps == 3
+    assert trainer.parts.log.pending_steps == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
-@pytest.mark.parametrize("selector", available_selectors())
+@pytest.mark.every_selector("selector")
 def test_a_cuda_step_never_synchronises(tmp_path, framework, selector):
     device = torch.device("cuda")
     trainer = _steps_without_host_reads(tmp_path, "cuda", FRAMEWORKS[framework] + [f"selector={selector}"], lambda: cuda_sync_errors(device))
-    assert trainer.log.meter.compute()["pixels"] > 0
+    assert trainer.parts.log.meter.compute()["pixels"] > 0

@@ -4,9 +4,9 @@ import types
 import pytest
 import torch
 
-from bench import kernels
-from bench.cli import main
-from bench.selection import available_selectors
+from bench.tools import kernels
+from bench.orchestration.cli import main
+from bench.contract import available_selectors
 
 
 def test_kernels_command_prints_and_writes_the_table(tmp_path, capsys):
@@ -72,7 +72,7 @@ def test_medians_and_ratios_against_a_fake_clock(monkeypatch):
 def test_the_svd_loop_reference_computes_what_csl_computes(seed):
     """The speed table compares CSL with the per-image SVD loop: only meaningful if both
     give the same weights (generic inputs: no ties, no rank-1 images)."""
-    from bench.selection import get_selector
+    from bench.contract import get_selector
 
     probs, valid = kernels.synthetic_inputs((3, 5, 16, 16), "cpu", seed=seed)
     expected = get_selector("csl", num_classes=5).select(probs, valid).weight

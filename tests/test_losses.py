@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bench.losses import PseudoTargets, negative_learning_loss, pseudo_label_loss
+from bench.harness.losses import PseudoTargets, negative_learning_loss, pseudo_label_loss
 
 
 def test_pseudo_label_loss_normalisers_by_hand():
@@ -48,7 +48,7 @@ def test_cutmix_paste_moves_every_field_together():
 
 
 def test_logit_penalty_by_hand():
-    from bench.losses import logit_penalty
+    from bench.harness.losses import logit_penalty
 
     # pixel a: z = (20, 5, 12), label 0 -> gaps (0, 20-5-10 = 5, 20-12-10 < 0 -> 0): 5
     # pixel b: z = (1, 3, 0), label 1 -> every gap below the margin: 0
@@ -67,14 +67,14 @@ def test_logit_penalty_by_hand():
 
 
 def test_logit_penalty_trains_and_is_checked(tmp_path):
-    from bench.config import ConfigError, TrainConfig, apply
-    from bench.train import train
+    from bench.harness.config import ConfigError, TrainConfig, apply
+    from bench.harness.launch import train
 
     tiny = dict(backbone="test_resnet", crop=32, batch_size=2, iters=2, eval_every=2, log_every=1, checkpoint_every=2,
                 probe_images=2, head_channels=16, aspp_dilations=[1, 2], wandb_mode="disabled", selector="fixed", selector_params={"tau": 0.0})
     cfg = apply(TrainConfig(), {**tiny, "logit_penalty": 0.1, "logit_penalty_margin": 0.0, "strong_bn_stats": False, "out": str(tmp_path / "pen")}, "test").validate()
     record = train(cfg, show_progress=False)
-    pens = [p["loss_pen"] for p in record["curves"] if "loss_pen" in p]
+    pens = [p["loss_pen"] for p in record.curves if "loss_pen" in p]
     assert len(pens) == 2 and all(v > 0 for v in pens)  # margin 0: every non-top logit counts
     with pytest.raises(ConfigError, match="logit_penalty needs a semi-supervised framework"):
         apply(TrainConfig(), {**tiny, "framework": "supervised", "logit_penalty": 0.1}, "test").validate()

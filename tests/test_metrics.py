@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from bench.metrics import IoUMeter, SelectionQualityMeter, auroc_from_histograms
-from bench.selection import Selection
+from bench.contract.metrics import IoUMeter, SelectionQualityMeter, auroc_from_histograms
+from bench.contract import Selection
 
 
 def sel(label, weight, reliable):

@@ -3,8 +3,8 @@ import time
 import pytest
 import torch
 
-from bench.evaluate import center_crop, sliding_window_probs
-from bench.models import DeepLabV3Plus, WeightsError
+from bench.harness.evaluate import center_crop, sliding_window_probs
+from bench.harness.models import DeepLabV3Plus, WeightsError
 
 
 def test_outputs_and_feature_perturbation():
@@ -25,7 +25,7 @@ def test_outputs_and_feature_perturbation():
 
 
 def test_mc_logits_are_the_stochastic_passes_for_one_encoding():
-    from bench.frameworks import mc_logits
+    from bench.harness.frameworks import mc_logits
 
     torch.manual_seed(0)
     m = DeepLabV3Plus("test_resnet", num_classes=5, head_channels=16, aspp_dilations=[1, 2]).eval()
@@ -110,7 +110,7 @@ def test_batched_evaluation_matches_one_image_at_a_time():
     import numpy as np
 
     from bench.data.loaders import eval_collate
-    from bench.evaluate import confidence_probe, evaluate
+    from bench.harness.evaluate import confidence_probe, evaluate
 
     torch.manual_seed(0)
     m = DeepLabV3Plus("test_resnet", num_classes=4, head_channels=16, aspp_dilations=[1, 2]).eval()

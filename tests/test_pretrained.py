@@ -16,9 +16,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from bench.config import load_config
-from bench.models import ASPPFitWarning, DeepLabV3Plus, WeightsError, aspp_reach, build_model
-from bench.pretrained import PACKAGED, lite_to_timm, load_strict, packaged_file
+from bench.harness.config import load_config
+from bench.harness.models import ASPPFitWarning, DeepLabV3Plus, WeightsError, aspp_reach, build_model
+from bench.harness.pretrained import PACKAGED, lite_to_timm, load_strict, packaged_file
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -114,7 +114,7 @@ def test_pretrained_loads_are_strict_for_the_encoder(tmp_path):
 
 
 def test_training_feeds_the_encoder_inputs_at_its_weights_scale(tmp_path):
-    from bench.train import Trainer
+    from bench.harness.train import Trainer
 
     cfg = load_config(overrides=[
         "backbone=tf_efficientnet_lite0", "pretrained=efficientnet_lite0", "output_stride=16", "crop=32", "batch_size=2",
@@ -122,27 +122,27 @@ def test_training_feeds_the_encoder_inputs_at_its_weights_scale(tmp_path):
         "framework=supervised", "wandb_mode=disabled", f"out={tmp_path / 'run'}",
     ])
     trainer = Trainer(cfg, show_progress=False)
-    raw = trainer.source.load(trainer.split.val[0])[0]
+    raw = trainer.parts.source.load(trainer.parts.split.val[0])[0]
     expected = torch.from_numpy(raw).permute(2, 0, 1).float() / 255 * 2 - 1  # (x - 0.5) / 0.5
-    assert torch.allclose(trainer._eval_loader().dataset[0]["image"], expected, atol=1e-6)
-    batch = next(iter(trainer._loaders()[0]))["image"]
+    assert torch.allclose(trainer.parts.eval_loader().dataset[0]["image"], expected, atol=1e-6)
+    batch = next(iter(trainer.parts.train_loaders(0)[0]))["image"]
     assert batch.min() >= -1 - 1e-6 and batch.max() <= 1 + 1e-6 and batch.min() < -0.5  # ImageNet's scale reaches -2.1
     record = trainer.run()
-    assert record["model"]["weights"]["tensors_loaded"] == 288
-    assert record["model"]["input_normalization"]["mean"] == [0.5, 0.5, 0.5]
+    assert record.model["weights"]["tensors_loaded"] == 288
+    assert record.model["input_normalization"]["mean"] == [0.5, 0.5, 0.5]
 
 
 def test_the_head_multiplier_is_for_a_fresh_head_only(tmp_path):
-    from bench.train import Trainer
+    from bench.harness.train import Trainer
 
     base = ["backbone=test_resnet", "crop=64", "batch_size=2", "iters=2", "eval_every=2", "probe_images=2", "head_channels=16",
             "aspp_dilations=[1]", "framework=supervised", "lr=0.01", "wandb_mode=disabled"]
     first = Trainer(load_config(overrides=base + [f"out={tmp_path / 'warm'}"]), show_progress=False)
-    assert first.config.head_lr_mult == 10.0 and [g["lr"] for g in first.optimizer.param_groups] == [0.01, pytest.approx(0.1)]
+    assert first.config.head_lr_mult == 10.0 and [g["lr"] for g in first.parts.optimizer.param_groups] == [0.01, pytest.approx(0.1)]
     first.run()
     warm = Trainer(load_config(overrides=base + [f"out={tmp_path / 'next'}", f"init_from={tmp_path / 'warm'}"]), show_progress=False)
-    assert warm.config.head_lr_mult == 1.0 and [g["lr"] for g in warm.optimizer.param_groups] == [0.01, 0.01]
-    assert warm.run()["model"]["peak_lr"] == {"backbone": 0.01, "head": 0.01}
+    assert warm.config.head_lr_mult == 1.0 and [g["lr"] for g in warm.parts.optimizer.param_groups] == [0.01, 0.01]
+    assert warm.run().model["peak_lr"] == {"backbone": 0.01, "head": 0.01}
     asked = load_config(overrides=base + [f"out={tmp_path / 'x'}", f"init_from={tmp_path / 'warm'}", "head_lr_mult=5"])
     assert asked.head_lr_mult == 5.0  # an explicit value is the user's
     assert asked.hash() != load_config(overrides=base + [f"out={tmp_path / 'x'}", f"init_from={tmp_path / 'warm'}"]).hash()
@@ -167,7 +167,7 @@ def test_a_model_whose_aspp_misses_its_map_is_flagged(tmp_path):
 
 
 def test_a_sweep_whose_weights_are_not_here_stops_before_anything_runs(tmp_path, monkeypatch):
-    from bench.sweeps import SweepError, check_inputs
+    from bench.orchestration.sweeps import SweepError, check_inputs
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache" / "hub"))

@@ -5,15 +5,14 @@ from pathlib import Path
 
 import torch
 
-import bench.selection as selection
+import bench.contract as contract
 
 
-def test_readme_selector_example(monkeypatch):
+def test_readme_selector_example(scoped_registry):
     text = (Path(__file__).parents[1] / "README.md").read_text()
     block = re.search(r"```python\n(# my_selectors\.py\n.*?)```", text, re.S).group(1)
-    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
     exec(compile(block, "README.md", "exec"), {})
-    sel = selection.get_selector("margin", num_classes=3, gap=0.3)
+    sel = contract.get_selector("margin", num_classes=3, gap=0.3)
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]).T.reshape(1, 3, 1, 2)
     out = sel.select(probs, torch.tensor([[[True, True]]]))
     assert out.reliable.tolist() == [[[True, False]]]

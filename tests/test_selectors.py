@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reference as ref
-from bench.selection import get_selector
+from bench.contract import get_selector
 from methods.daw import gaussian_crossing
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from bench.selection import get_selector
+from bench.contract import get_selector
 from methods.csa import cumulative_rho, t_quantile
 
 IGNORE = 255

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.statistics import (
+from bench.results.statistics import (
     compare_paired,
     critical_difference,
     holm,
+    holm_levels,
     minimum_detectable_difference,
     paired_power,
     plot_critical_difference,
@@ -74,6 +75,35 @@ def test_verdicts():
     assert verdict(compare_paired([0.5, 0.51, 0.52], [0.6, 0.62, 0.61]), 0.01) == "worse"
     assert verdict(better, 0.2) == "no detectable difference"
     assert verdict(compare_paired([0.5], [0.4]), math.nan) == "too few seeds"
+    # undetected, and the seeds could not have seen the effect of interest: inconclusive, with the MDE shown
+    assert verdict(better, 0.2, mde=0.654, effect_of_interest=0.02, scale=100) == "inconclusive (MDE 65.4)"
+    assert verdict(better, 0.2, mde=0.015, effect_of_interest=0.02, scale=100) == "no detectable difference"
+    assert verdict(better, 0.01, mde=0.654, effect_of_interest=0.02) == "better"  # detected: the MDE does not matter
+
+
+def test_holm_levels_by_hand():
+    # sorted 0.005 (k = 4: 0.02 < .05, rejected), 0.01 (k = 3: 0.03, rejected), 0.03 (k = 2: 0.06, kept),
+    # 0.04 (k stays 2: its own step would be k = 1, 0.04 < .05, but Holm keeps it: holm() gives 0.06)
+    assert holm_levels([0.01, 0.04, 0.03, 0.005]) == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 2, 1 - 0.05 / 2, 1 - 0.05 / 4])
+    levels = holm_levels([0.02, math.nan])
+    assert levels[0] == pytest.approx(0.95) and math.isnan(levels[1])  # one test: the plain 95% interval
+    assert holm_levels([]) == []
+
+
+def test_holm_level_intervals_exclude_zero_exactly_when_holm_rejects():
+    rng = np.random.default_rng(2)
+    rejected = kept_after_own_step = 0  # the second: where a level from its own step (no freezing) would disagree
+    for _ in range(300):
+        m, n = rng.integers(2, 5), rng.integers(3, 6)
+        ref = rng.normal(size=n)
+        methods = [ref + rng.normal(rng.uniform(1, 3), 1, size=n) for _ in range(m)]
+        p = [compare_paired(x, ref).p for x in methods]
+        for x, p_x, level, adjusted, rank in zip(methods, p, holm_levels(p), holm(p), stats.rankdata(p, method="ordinal")):
+            c = compare_paired(x, ref, level)
+            assert (c.low > 0 or c.high < 0) == (adjusted < 0.05)
+            rejected += adjusted < 0.05
+            kept_after_own_step += adjusted >= 0.05 and (m - rank + 1) * p_x < 0.05
+    assert rejected > 300 and kept_after_own_step > 10
 
 
 def test_nemenyi_critical_difference_matches_demsar():

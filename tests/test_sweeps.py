@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sweeps import SweepError, load_sweep
+from bench.orchestration.sweeps import SweepError, load_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 TINY = """
@@ -55,7 +55,7 @@ def test_every_shipped_sweep_file_is_valid(path):
 
 
 def test_full_sweep_has_every_selector_and_one_budget():
-    from bench.selection import available_selectors
+    from bench.contract import available_selectors
 
     sweep = load_sweep(SWEEPS / "full.yaml")
     configs = [t.config(Path("/tmp/x"), "full") for t in sweep.trials()]
@@ -73,14 +73,12 @@ def test_default_sweep_is_the_named_subset_of_the_full_one():
     assert {m["name"] for m in default.methods} < {m["name"] for m in full.methods}
 
 
-def test_a_new_selector_enters_the_default_sweep_without_editing_it(monkeypatch):
-    import bench.selection as selection
+def test_a_new_selector_enters_the_default_sweep_without_editing_it(monkeypatch, scoped_registry):
+    import bench.contract as selection
 
     class Newcomer(selection.Selector):
         def _select(self, probs, valid, moments, **context):
             return selection.hard_selection(moments.label, moments.confidence > 0.5, valid)
-
-    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
     selection.register_selector("newcomer")(Newcomer)
     sweep = load_sweep(SWEEPS / "full.yaml")
     assert [t.label for t in sweep.trials() if t.method == "newcomer"] == [f"newcomer-seed={s}" for s in range(5)]
@@ -117,7 +115,7 @@ REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO / ".." / "shared" / "data" / "camvid"
 needs_camvid = pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
 ENV = {**os.environ, "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-CLI = [sys.executable, "-m", "bench.cli", "sweep"]
+CLI = [sys.executable, "-m", "bench.orchestration.cli", "sweep"]
 # CamVid at a tiny budget: the real data path end to end in about a minute.
 TINY_CAMVID = """
 name: tinycv
@@ -304,7 +302,7 @@ def test_a_shared_warm_start_starts_every_trial_and_its_seeds_still_pair(tmp_pat
 def test_data_problems_stop_the_sweep_before_ray_starts(tmp_path, monkeypatch):
     import ray
 
-    from bench.sweeps import run_sweep
+    from bench.orchestration.sweeps import run_sweep
 
     monkeypatch.chdir(tmp_path)
     text = TINY.replace("protocol: synthetic\nbase:\n", "protocol: camvid\nbase:\n  dataset: camvid\n  root: no/such/camvid\n")
@@ -339,19 +337,19 @@ def test_selector_names_and_parameters_are_checked_when_the_file_loads(tmp_path,
 
 
 def test_resume_refuses_trials_run_with_another_config(tmp_path):
-    from bench.sweeps import run_sweep
+    from bench.orchestration.sweeps import run_sweep
 
     sweep = load_sweep(write(tmp_path, TINY))
     trial = sweep.trials()[1]
     old = trial.config(tmp_path / "st" / "tiny" / "trials", "tiny").to_dict()
     (tmp_path / "st" / "tiny" / "trials" / trial.label).mkdir(parents=True)
-    (tmp_path / "st" / "tiny" / "trials" / trial.label / "record.json").write_text(json.dumps({"status": "complete", "config": {**old, "iters": 3, "device": "cpu"}}))
+    (tmp_path / "st" / "tiny" / "trials" / trial.label / "record.json").write_text(json.dumps({"schema_version": 2, "name": trial.label, "status": "complete", "config": {**old, "iters": 3, "device": "cpu"}}))
     with pytest.raises(SweepError, match=rf"(?s)1 trials .* another config.*{trial.label}: iters: 3 -> 4.*--rerun-stale"):
         run_sweep(sweep, tmp_path / "st", resume=True)
 
 
 def test_a_trial_from_another_warm_start_is_stale(tmp_path):
-    from bench.sweeps import run_sweep
+    from bench.orchestration.sweeps import run_sweep
 
     per_seed = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3}\n"))
     root = tmp_path / "st" / "tiny"
@@ -361,17 +359,17 @@ def test_a_trial_from_another_warm_start_is_stale(tmp_path):
     old = trial.config(root / "trials", "tiny", str(root / "warmup" / "warmup-seed=1"))
     old.device, old.init_from_hash = "cpu", warm1.hash()
     (root / "trials" / trial.label).mkdir(parents=True)
-    (root / "trials" / trial.label / "record.json").write_text(json.dumps({"status": "complete", "config": old.to_dict()}))
+    (root / "trials" / trial.label / "record.json").write_text(json.dumps({"schema_version": 2, "name": trial.label, "status": "complete", "config": old.to_dict()}))
     shared = load_sweep(write(tmp_path, TINY + "warm_start: {iters: 3, seed: 0}\n"))  # now every trial starts from seed 0's
     with pytest.raises(SweepError, match=rf"(?s)1 trials .* another config.*fixed-seed=1: init_from_hash: '{warm1.hash()}' -> '"):
         run_sweep(shared, tmp_path / "st", resume=True)
 
 
 def test_one_sweep_per_storage_and_a_dead_holder_leaves_no_lock(tmp_path):
-    from bench.sweeps import storage_lock
+    from bench.orchestration.sweeps import storage_lock
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from bench.sweeps import storage_lock\nwith storage_lock(__import__('pathlib').Path({str(tmp_path)!r})):\n print('held', flush=True); time.sleep(120)"],
+        [sys.executable, "-c", f"import time; from bench.orchestration.sweeps import storage_lock\nwith storage_lock(__import__('pathlib').Path({str(tmp_path)!r})):\n print('held', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdout.readline().strip() == "held"
@@ -385,7 +383,7 @@ def test_one_sweep_per_storage_and_a_dead_holder_leaves_no_lock(tmp_path):
 
 
 def test_an_unreachable_ray_address_fails_fast_and_names_it():
-    from bench.sweeps import connect_ray
+    from bench.orchestration.sweeps import connect_ray
 
     start = time.time()
     with pytest.raises(SweepError, match=r"Ray cluster at --address 127.0.0.1:9 \(127.0.0.1:9\) cannot be reached"):
@@ -410,7 +408,7 @@ def test_search_space_is_checked(tmp_path):
 
 
 def test_asha_search_runs_sampled_trials(tmp_path):
-    from bench.sweeps import run_sweep
+    from bench.orchestration.sweeps import run_sweep
 
     text = TINY.replace("  seed: [0, 1]", "  seed: [0]").replace(
         "  - {name: supervised, framework: supervised}\n  - {name: fixed, selector: fixed}\n", ""
@@ -437,7 +435,7 @@ RESULT_COLUMNS = ("method", "column", "mean", "std", "n", "difference", "p", "p_
 
 
 def leaderboard_numbers(trials: Path):
-    from bench.leaderboard import build_tables, load_rows
+    from bench.results.leaderboard import build_tables, load_rows
 
     frame, others = load_rows(trials)
     assert others.is_empty(), others

@@ -1,6 +1,6 @@
 import pytest
 
-from bench import tracking
+from bench.harness import tracking
 
 
 @pytest.mark.parametrize(

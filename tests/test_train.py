@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.selection as selection
-from bench.config import load_config
-from bench.train import Trainer
+import bench.contract as selection
+from bench.harness.config import load_config
+from bench.harness.train import Trainer
 
 TINY = [
     "backbone=test_resnet", "crop=32", "batch_size=2", "iters=6", "eval_every=3", "log_every=2",
@@ -42,7 +42,7 @@ def test_tiny_run_writes_a_complete_record(tmp_path, extra):
     record = Trainer(cfg, show_progress=False).run()
     elapsed = time.perf_counter() - started
     on_disk = json.loads((Path(cfg.out) / "record.json").read_text())
-    assert on_disk["status"] == record["status"] == "complete"
+    assert on_disk["status"] == record.status == "complete"
     for key in ("config", "config_hash", "splits", "git_sha", "versions", "device", "curves", "final", "cost"):
         assert key in on_disk
     assert on_disk["config"]["iters"] == 6 and on_disk["config_hash"] == cfg.hash()
@@ -73,7 +73,7 @@ def test_tiny_run_writes_a_complete_record(tmp_path, extra):
 
 
 def test_ups_runs_its_passes_and_counts_them(tmp_path, monkeypatch):
-    from bench import frameworks
+    from bench.harness import frameworks
 
     stochastic = []
     mc_logits = frameworks.mc_logits
@@ -85,16 +85,16 @@ def test_ups_runs_its_passes_and_counts_them(tmp_path, monkeypatch):
     record = Trainer(cfg, show_progress=False).run()
     assert stochastic == [3, 3]
     assert [s[:2] for s in seen] == [(3, 4), (3, 4)]  # 3 passes over the 2 + 2 weak images
-    assert record["cost"]["extra_forward_passes"] == 3 * 2
+    assert record.cost["extra_forward_passes"] == 3 * 2
 
 
 def test_keeping_every_pixel_selects_everything(tmp_path):
     """`all` admits every valid pixel: coverage and recall are 1 in every interval, and the
     precision is the accuracy of the pseudo-labels."""
     record = Trainer(tiny(tmp_path, "selector=all", "iters=4", "eval_every=4"), show_progress=False).run()
-    sel = record["selection"]
+    sel = record.selection
     assert sel["coverage"] == 1.0 and sel["recall"] == 1.0 and sel["precision"] == pytest.approx(sel["label_accuracy"])
-    assert [c["sel_coverage"] for c in record["curves"]] == [1.0, 1.0]
+    assert [c["sel_coverage"] for c in record.curves] == [1.0, 1.0]
 
 
 class Spy(selection.Selector):
@@ -108,16 +108,15 @@ class Spy(selection.Selector):
         return selection.hard_selection(moments.label, moments.confidence >= 0.5, valid)
 
 
-def test_selectors_never_receive_unlabeled_ground_truth(tmp_path, monkeypatch):
-    monkeypatch.setattr(selection, "_REGISTRY", {n: selection.selector_class(n) for n in selection.available_selectors()})  # loaded first
+def test_selectors_never_receive_unlabeled_ground_truth(tmp_path, monkeypatch, scoped_registry):
     selection.register_selector("spy")(Spy)
     Spy.seen = []
     trainer = Trainer(tiny(tmp_path, "selector=spy", "iters=3", "eval_every=3", "log_every=3"), show_progress=False)
     truths, labeled = [], []
-    update = trainer.log.meter.update
-    monkeypatch.setattr(trainer.log.meter, "update", lambda sel, gt, **kw: (truths.append(gt), update(sel, gt, **kw)))
-    step = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda t, batch: (labeled.append(batch.mask), step(t, batch))[1])
+    update = trainer.parts.log.meter.update
+    monkeypatch.setattr(trainer.parts.log.meter, "update", lambda sel, gt, **kw: (truths.append(gt), update(sel, gt, **kw)))
+    step = trainer.optimise
+    monkeypatch.setattr(trainer, "optimise", lambda t, batch: (labeled.append(batch.mask), step(t, batch))[1])
     trainer.run()
     assert len(Spy.seen) == len(truths) == 3
     for (probs, valid, context), gt, lab_mask in zip(Spy.seen, truths, labeled):
@@ -137,8 +136,8 @@ def test_the_step_cannot_be_given_unlabeled_truth():
     from bench.data.loaders import UNLABELED, UnlabeledSet
     from bench.data.sources import get_source
     from bench.data.splits import load_split
-    from bench.frameworks import UnlabeledView
-    from bench.train import split_truth
+    from bench.harness.frameworks import UnlabeledView
+    from bench.harness.build import split_truth
 
     source = get_source("synthetic", None)
     split = load_split(source, "splits", "default", 20)
@@ -193,7 +192,7 @@ def _final_state(out: Path):
 def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path):
     common = TINY + ["iters=12", "checkpoint_every=4", "eval_every=6", "log_every=2", "selector=softmatch", "csl_mask_view=true"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "bench.cli", "train", "--threads", "1"]
+    cmd = [sys.executable, "-m", "bench.orchestration.cli", "train", "--threads", "1"]
     whole = tmp_path / "whole"
     subprocess.run(cmd + common + [f"out={whole}"], check=True, env=env, capture_output=True)
 
@@ -220,7 +219,7 @@ def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path):
 
 def test_resume_refuses_another_config(tmp_path):
     Trainer(tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3"), show_progress=False).run()
-    from bench.train import ResumeError
+    from bench.harness.checkpoint import ResumeError
 
     with pytest.raises(ResumeError, match="another config"):
         Trainer(tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3", "seed=5"), resume=True)
@@ -230,14 +229,14 @@ def test_resume_of_a_complete_run_does_nothing(tmp_path):
     cfg = tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3")
     first = Trainer(cfg, show_progress=False).run()
     again = Trainer(cfg, resume=True, show_progress=False).run()
-    assert again["final"] == first["final"] and again["updated"] == first["updated"]
+    assert again.final == first.final and again.updated == first.updated
 
 
 def test_cli_print_config_and_errors(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--print-config", "selector=csl", "selector.alpha=8"], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "bench.orchestration.cli", "train", "--print-config", "selector=csl", "selector.alpha=8"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "selector: csl" in out.stdout and "alpha: 8" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "bench.cli", "train", "lr_rate=0.1"], capture_output=True, text=True, env=env)
+    bad = subprocess.run([sys.executable, "-m", "bench.orchestration.cli", "train", "lr_rate=0.1"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "did you mean 'lr'" in bad.stderr
 
 
@@ -251,13 +250,13 @@ def test_a_few_iterations_on_real_camvid(tmp_path):
         "log_every=1", "probe_images=2", "selector=csl", f"out={tmp_path / 'camvid'}",
     ])
     record = Trainer(cfg, show_progress=False).run()
-    assert record["status"] == "complete"
-    assert record["splits"]["sizes"] == {"labeled": 46, "unlabeled": 321, "val": 101, "test": 0}
-    assert len(record["final"]["per_class_iou"]) == 11
+    assert record.status == "complete"
+    assert record.splits["sizes"] == {"labeled": 46, "unlabeled": 321, "val": 101, "test": 0}
+    assert len(record.final["per_class_iou"]) == 11
 
 
 def test_eval_split_test_reports_the_held_out_images(tmp_path):
-    from bench.evaluate import evaluate
+    from bench.harness.evaluate import evaluate
     from bench.data.loaders import EvalSet
     from bench.data.sources import get_source
     from bench.data import synthetic
@@ -265,17 +264,17 @@ def test_eval_split_test_reports_the_held_out_images(tmp_path):
     cfg = tiny(tmp_path, "framework=supervised", "eval_split=test")
     trainer = Trainer(cfg, show_progress=False)
     record = trainer.run()
-    final = record["final"]
-    assert final["eval_split"] == "test" and record["splits"]["sizes"]["test"] == synthetic.TEST_IMAGES
-    assert "test (dataset list)" in record["splits"]["sha256"]
-    evals = [c["val_miou"] for c in record["curves"] if "val_miou" in c]
+    final = record.final
+    assert final["eval_split"] == "test" and record.splits["sizes"]["test"] == synthetic.TEST_IMAGES
+    assert "test (dataset list)" in record.splits["sha256"]
+    evals = [c["val_miou"] for c in record.curves if "val_miou" in c]
     assert final["miou_last_val"] == evals[-1] and final["miou_best_val"] == max(evals)  # curves stay on val
     # the final number is the trained model on the 200 test scenes, which no curve saw
     source = get_source("synthetic", None)
     test_ids = [e for e in source.pool("test")]
     assert {e.image.split("/")[0] for e in test_ids} == {"test"}
     loader = torch.utils.data.DataLoader(EvalSet(source, test_ids), batch_size=1)
-    direct = evaluate(trainer.eval_model, loader, 6, "whole", cfg.crop, cfg.eval_stride, torch.device("cpu"), trainer.autocast)
+    direct = evaluate(trainer.parts.eval_model, loader, 6, "whole", cfg.crop, cfg.eval_stride, torch.device("cpu"), trainer.parts.autocast)
     assert final["miou"] == pytest.approx(direct["miou"]) and final["miou"] != final["miou_last_val"]
     # another eval split is another result: its own hash
     assert cfg.hash() != tiny(tmp_path, "framework=supervised").hash()
@@ -291,7 +290,7 @@ def test_eval_split_test_without_test_images_is_a_clear_error(tmp_path):
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
-    from bench.train import RunExistsError
+    from bench.harness.recorder import RunExistsError
 
     cfg = tiny(tmp_path, "iters=1", "eval_every=1", "log_every=1", "probe_images=0")
     Trainer(cfg, show_progress=False).run()
@@ -307,9 +306,9 @@ def test_selection_probes_score_every_selector_and_leave_training_alone(tmp_path
     assert probed_cfg.hash() == tiny(tmp_path / "a", "selector=fixed").hash()  # measurement, not a result key
     probed = Trainer(probed_cfg, show_progress=False).run()
     # the probes' stochastic passes draw from their own generator: training is bit-identical
-    assert [{k: v for k, v in c.items()} for c in probed["curves"]] == plain["curves"]
-    assert probed["final"]["miou"] == plain["final"]["miou"] and probed["selection"] == plain["selection"]
-    probes = probed["selection_over_training"]
+    assert [{k: v for k, v in c.items()} for c in probed.curves] == plain.curves
+    assert probed.final["miou"] == plain.final["miou"] and probed.selection == plain.selection
+    probes = probed.selection_over_training
     assert [p["iter"] for p in probes] == [3, 6] and all(p["images"] == 3 for p in probes)
     assert set(probes[0]["selectors"]) == set(selection.available_selectors()) | {"max confidence", "margin (top-1 - top-2)", "1 - normalised entropy"}
     for p in probes:
@@ -317,21 +316,21 @@ def test_selection_probes_score_every_selector_and_leave_training_alone(tmp_path
         fixed = p["selectors"]["fixed"]
         if fixed["coverage"] > 0:  # fixed is a global threshold: no gain over the matched one
             assert abs(fixed["precision_gain"]) < 0.02 and fixed["gain_ci"][0] <= fixed["precision_gain"] <= fixed["gain_ci"][1]
-    assert "selection_over_training" not in plain or plain["selection_over_training"] is None
+    assert plain.selection_over_training is None
     # cslbench analyze draws the probes over training next to the other figures
-    from bench.cli import main
+    from bench.orchestration.cli import main
 
     main(["analyze", str(tmp_path / "b"), "--images", "2", "--out", str(tmp_path / "fig")])
     assert (tmp_path / "fig" / "selection_over_training.png").read_bytes()[:4] == b"\x89PNG"
     # the checkpoint holding the probes loads with weights_only, so the run resumes
     resumed = Trainer(tiny(tmp_path / "b", "selector=fixed", "selection_probes=2", "selection_probe_images=3"), resume=True, show_progress=False).run()
-    assert resumed["selection_over_training"] == probes
+    assert resumed.selection_over_training == probes
 
 
 def test_strong_views_can_leave_batchnorm_running_statistics_alone():
     from types import SimpleNamespace
 
-    from bench.frameworks import strong_view_statistics
+    from bench.harness.frameworks import strong_view_statistics
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4, momentum=None)).train()

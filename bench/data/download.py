@@ -294,7 +294,7 @@ def download(recipe: Recipe, root: str | Path, cache: str | Path | None = None, 
         raise DownloadError(f"cannot write the dataset into {root}: {exc}") from None
     sizes = check_layout(recipe.dataset, root)
     summary = {"dataset": recipe.dataset, "archives": archives, "files_checked": checked, "images": sizes, "note": recipe.note}
-    from bench.records import atomic_write_text
+    from bench.files import atomic_write_text
 
     atomic_write_text(done, json.dumps(summary, indent=2) + "\n")  # last: its presence means done
     return summary

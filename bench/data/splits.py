@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.data.sources import DataError, Entry, Source
-from bench.records import atomic_write_text
+from bench.files import atomic_write_text
 
 SPLIT_FILES = ("labeled", "unlabeled", "val")
 
