@@ -225,6 +225,18 @@ def test_resume_refuses_another_config(tmp_path):
         Trainer(tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3", "seed=5"), resume=True)
 
 
+def test_resume_refuses_a_checkpoint_of_an_older_format(tmp_path):
+    from bench.harness.checkpoint import CHECKPOINT, ResumeError
+
+    cfg = tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3", "selector=fixed", "framework=fixmatch")
+    Trainer(cfg, show_progress=False).run()
+    state = torch.load(Path(cfg.out) / CHECKPOINT, weights_only=True)
+    state["selector"] = state.pop("seam")["selector"]  # how checkpoints held the selector before the seam
+    torch.save(state, Path(cfg.out) / CHECKPOINT)
+    with pytest.raises(ResumeError, match=r"older cslbench.*delete .*checkpoint\*\.pt"):
+        Trainer(cfg, resume=True, show_progress=False)
+
+
 def test_resume_of_a_complete_run_does_nothing(tmp_path):
     cfg = tiny(tmp_path, "iters=3", "eval_every=3", "log_every=3", "checkpoint_every=3")
     first = Trainer(cfg, show_progress=False).run()

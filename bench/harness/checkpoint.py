@@ -132,7 +132,10 @@ def restore(parts, state: dict) -> int:
             f"{parts.config.hash()}); use the same config or another out="
         )
     if "seam" not in state:
-        raise ResumeError(f"checkpoint in {parts.out} was written by an older cslbench; rerun it without --resume")
+        raise ResumeError(
+            f"checkpoint in {parts.out} was written by an older cslbench (no selector seam state); "
+            f"delete {parts.out}/checkpoint*.pt to train the run from the start"
+        )
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     if parts.ema is not None:

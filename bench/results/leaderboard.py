@@ -184,7 +184,7 @@ def paired_values(
 ) -> tuple[list[float], list[float], list[str]]:
     """mIoU of the seeds both have, aligned; and why every other seed was left out (a seed
     of one side only, or one whose runs differ). A seed pairs when both runs used the same split
-    and warm start (unknown counts as the same: records written before the hashes were stored)."""
+    and warm start (a record without them, e.g. written by hand, pairs by seed alone)."""
     a, b, unpaired = [], [], []
     for seed in sorted(set(method) | set(reference)):
         if seed not in method or seed not in reference:
