@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import zipfile
-from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """Leaderboard tables from hand-written records against hand-computed values."""
 
-import json
 import math
 
 import pytest

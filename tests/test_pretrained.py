@@ -6,7 +6,6 @@ import hashlib
 import os
 import warnings
 from collections import defaultdict
-from pathlib import Path
 
 import matplotlib
 import matplotlib.image

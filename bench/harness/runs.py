@@ -7,7 +7,6 @@ record: no optimiser, no loaders, no W&B, nothing written.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -9,7 +9,6 @@ the device only at log steps and checkpoints.
 
 from __future__ import annotations
 
-import torch
 from tqdm import tqdm
 
 from bench.harness import evaluator

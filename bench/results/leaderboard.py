@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from scipy import stats
 
 from bench.results.record import RECORD, RecordError, RunRecord, describe_error, read_record
 from bench.results.statistics import (
