@@ -294,9 +294,9 @@ def test_a_shared_warm_start_starts_every_trial_and_its_seeds_still_pair(tmp_pat
     assert {r["config"]["init_from"] for r in main.values()} == {str(tmp_path / "st" / "tiny" / "warmup" / "warmup-seed=7")}
     assert len({r["config"]["init_from_hash"] for r in main.values()}) == 1
     assert {r["config"]["seed"] for r in main.values()} == {0, 1}
-    for method in ("supervised", "csl (alpha=8.0)"):  # both seeds pair with fixed: "Δ [CI] (2)"
+    for method in ("supervised", "csl (alpha=8.0)"):  # both seeds pair with fixed: "Δ [CI] at L% (2 pairs)"
         (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith(f"| {method} |")]
-        assert re.search(r"\] \(2\) \|", line), line
+        assert re.search(r"\] at [0-9.]+% \(2 pairs\) \|", line), line
 
 
 def test_data_problems_stop_the_sweep_before_ray_starts(tmp_path, monkeypatch):
