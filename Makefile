@@ -22,11 +22,14 @@ SWEEP_STORE ?= runs/sweeps
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 # The main job: the default benchmark (sweeps/default.yaml) on Ray Tune on this machine's
-# CPUs, its leaderboard, then the figures. Rerunning continues it (finished trials kept).
+# CPUs, its leaderboard, then the figures, every selector on the warm start's predictions,
+# and every selector scored on the prediction bank a fixed trial recorded over training.
+# Rerunning continues it (finished trials kept).
 demo: venv
 	$(VENV)/bin/cslbench sweep sweeps/default.yaml --storage $(SWEEP_STORE) --resume
 	$(VENV)/bin/cslbench analyze $(SWEEP_STORE)/default/trials --checkpoint $(SWEEP_STORE)/default/warmup/warmup-seed=0
 	$(VENV)/bin/cslbench select-eval $(SWEEP_STORE)/default/warmup/warmup-seed=0 --images 50
+	$(VENV)/bin/cslbench bank score $(SWEEP_STORE)/default/trials/fixed-seed=0/bank --bootstrap 500
 
 # Selector quality on a synthetic probability field and selector speed, in a minute.
 selector-demo: venv

@@ -3,16 +3,18 @@ import pytest
 
 import bench.contract as selection
 from bench.harness import analysis
-from bench.harness.analysis import Predictions, _precision_at_count, select_eval
+from bench.results import scoring
+from bench.results.predictions import Predictions
+from bench.results.scoring import precision_at_count, score_predictions
 from bench.tools.probability_field import prediction_field
 
 
 def test_precision_at_count_matches_sorting():
     rng = np.random.default_rng(0)
-    scores = rng.integers(0, analysis.BINS, size=500)
-    correct = rng.random(500) < scores / analysis.BINS
-    all_h = np.bincount(scores, minlength=analysis.BINS)[None].astype(float)
-    cor_h = np.bincount(scores[correct], minlength=analysis.BINS)[None].astype(float)
+    scores = rng.integers(0, scoring.BINS, size=500)
+    correct = rng.random(500) < scores / scoring.BINS
+    all_h = np.bincount(scores, minlength=scoring.BINS)[None].astype(float)
+    cor_h = np.bincount(scores[correct], minlength=scoring.BINS)[None].astype(float)
     order = np.argsort(-scores, kind="stable")
     for k in (1, 37, 250, 500):
         top = scores[order][:k]
@@ -21,7 +23,7 @@ def test_precision_at_count_matches_sorting():
         above = scores > cut
         tied = scores == cut
         expected = (correct[above].sum() + (k - above.sum()) * correct[tied].mean()) / k
-        assert _precision_at_count(all_h, cor_h, np.array([k]))[0] == pytest.approx(expected)
+        assert precision_at_count(all_h, cor_h, np.array([k]))[0] == pytest.approx(expected)
 
 
 def field_predictions(n=6, k=5):
@@ -36,7 +38,7 @@ def field_predictions(n=6, k=5):
 
 
 def test_a_fixed_threshold_gains_nothing_over_the_matched_threshold():
-    rows = {r["name"]: r for r in select_eval(field_predictions(), ["fixed", "all"], bootstrap=200)}
+    rows = {r["name"]: r for r in score_predictions(field_predictions(), ["fixed", "all"], bootstrap=200)}
     fixed = rows["fixed"]
     # fixed IS a global max-confidence threshold: same pixels, same precision
     assert abs(fixed["precision_gain"]) < 0.005
@@ -69,16 +71,16 @@ def test_selectors(scoped_registry):
 def test_the_bootstrap_interval_is_a_point_for_identical_images_and_catches_a_bad_selector(test_selectors):
     one = field_predictions(n=1)
     copies = Predictions(one.probs * 5, one.gt * 5, one.mc_logits * 5, one.labeled, one.num_classes)
-    row = {r["name"]: r for r in select_eval(copies, ["least-confident"], bootstrap=100)}["least-confident"]
+    row = {r["name"]: r for r in score_predictions(copies, ["least-confident"], bootstrap=100)}["least-confident"]
     lo, hi = row["gain_ci"]  # every resample is the same five images
     assert lo == pytest.approx(row["precision_gain"]) and hi == pytest.approx(row["precision_gain"])
-    bad = {r["name"]: r for r in select_eval(field_predictions(), ["least-confident"], bootstrap=200)}["least-confident"]
+    bad = {r["name"]: r for r in score_predictions(field_predictions(), ["least-confident"], bootstrap=200)}["least-confident"]
     assert bad["precision_gain"] < 0 and bad["gain_ci"][1] < 0
 
 
 def test_each_selector_is_judged_on_its_own_labels(test_selectors):
     preds = field_predictions()
-    row = {r["name"]: r for r in select_eval(preds, ["next-class"], bootstrap=10)}["next-class"]
+    row = {r["name"]: r for r in score_predictions(preds, ["next-class"], bootstrap=10)}["next-class"]
     hits = total = 0
     for p, g in zip(preds.probs, preds.gt):
         keep = (g != 255) & (g < preds.num_classes)
@@ -107,11 +109,11 @@ def test_calibration_by_hand():
     gt = (1 - right).reshape(1, 8)
     gt_with_void = torch.cat([gt, torch.full((1, 1), 255)], 1)  # a void pixel counts nowhere
     probs = torch.cat([probs, torch.tensor([0.99, 0.01]).reshape(2, 1, 1)], 2)
-    out = analysis.calibration(Predictions([probs], [gt_with_void], None, None, 2))
+    out = scoring.calibration(Predictions([probs], [gt_with_void], None, None, 2))
     # 15 bins: 0.97 -> bin 14 (acc 1/2), 0.9 -> bin 13 (acc 3/4), 0.6 -> bin 9 (acc 1/2)
     ece = 2 / 8 * abs(0.5 - 0.97) + 4 / 8 * abs(0.75 - 0.9) + 2 / 8 * abs(0.5 - 0.6)
     assert out["ece"] == pytest.approx(ece) and out["pixels"] == 8 and out["accuracy"] == pytest.approx(5 / 8)
     assert out["wrong_confident_share"] == pytest.approx(1 / 3)  # of 3 wrong pixels, one has C >= 0.95
     assert out["confident_error_rate"] == pytest.approx(1 / 2)  # of 2 pixels with C >= 0.95, one is wrong
-    perfect = analysis.calibration(Predictions([torch.tensor([[[1.0]], [[0.0]]])], [torch.zeros(1, 1, dtype=torch.long)], None, None, 2))
+    perfect = scoring.calibration(Predictions([torch.tensor([[[1.0]], [[0.0]]])], [torch.zeros(1, 1, dtype=torch.long)], None, None, 2))
     assert perfect["ece"] == 0 and perfect["accuracy"] == 1 and np.isnan(perfect["wrong_confident_share"])

@@ -247,12 +247,12 @@ def test_cli_train_on_camvid_prints_undefined_precision_as_a_dash(tmp_path):
 
 
 def test_every_printer_shows_undefined_numbers_as_a_dash():
-    from bench.harness.analysis import format_select_eval
+    from bench.results.scoring import format_scores
     from bench.orchestration.cli import show
     from bench.tools.demo import COLUMNS, format_quality
 
     assert [show(v) for v in (None, float("nan"), 0.5)] == ["–", "–", "0.5000"]
-    row = format_select_eval([{"name": "x", "coverage": 0.0, "precision": None, "recall": 0.0, "auroc": None, "precision_gain": float("nan"), "gain_ci": None}])
+    row = format_scores([{"name": "x", "coverage": 0.0, "precision": None, "recall": 0.0, "auroc": None, "precision_gain": float("nan"), "gain_ci": None}])
     assert row.splitlines()[-1] == "| x | 0.0 | – | 0.0 | – | – | – |"
     table = format_quality({"fixed": {c: float("nan") for c in COLUMNS}})
     assert table.splitlines()[-1].count("–") == len(COLUMNS)

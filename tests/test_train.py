@@ -312,9 +312,9 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
     assert (tmp_path / "run" / "record.json").read_bytes() == before
 
 
-def test_selection_probes_score_every_selector_and_leave_training_alone(tmp_path):
+def test_bank_points_score_every_selector_and_leave_training_alone(tmp_path):
     plain = Trainer(tiny(tmp_path / "a", "selector=fixed"), show_progress=False).run()
-    probed_cfg = tiny(tmp_path / "b", "selector=fixed", "selection_probes=2", "selection_probe_images=3")
+    probed_cfg = tiny(tmp_path / "b", "selector=fixed", "bank_points=2", "bank_images=3")
     assert probed_cfg.hash() == tiny(tmp_path / "a", "selector=fixed").hash()  # measurement, not a result key
     probed = Trainer(probed_cfg, show_progress=False).run()
     # the probes' stochastic passes draw from their own generator: training is bit-identical
@@ -335,8 +335,26 @@ def test_selection_probes_score_every_selector_and_leave_training_alone(tmp_path
     main(["analyze", str(tmp_path / "b"), "--images", "2", "--out", str(tmp_path / "fig")])
     assert (tmp_path / "fig" / "selection_over_training.png").read_bytes()[:4] == b"\x89PNG"
     # the checkpoint holding the probes loads with weights_only, so the run resumes
-    resumed = Trainer(tiny(tmp_path / "b", "selector=fixed", "selection_probes=2", "selection_probe_images=3"), resume=True, show_progress=False).run()
+    resumed = Trainer(tiny(tmp_path / "b", "selector=fixed", "bank_points=2", "bank_images=3"), resume=True, show_progress=False).run()
     assert resumed.selection_over_training == probes
+    # one mechanism: the scores in the record are the bank's, read back from disk
+    from bench.results.scoring import score_bank
+
+    offline = score_bank(tmp_path / "b" / "run" / "bank", bootstrap=500)
+    for p in probes:
+        at = {r["name"]: r for r in offline if r["iteration"] == p["iter"]}
+        for name, online_row in p["selectors"].items():
+            assert online_row["coverage" if "coverage" in online_row else "auroc"] == at[name]["coverage" if "coverage" in at[name] else "auroc"]
+    # offline equals online: the run's own stateless selector (fixed at tau 0.22) in training,
+    # through its meter, on the same images, against the bank scored afterwards
+    tuned = tiny(tmp_path / "c", "selector=fixed", "selector.tau=0.22", "bank_points=2", "bank_images=3")
+    online = Trainer(tuned, show_progress=False).run().selection_over_training
+    offline = score_bank(tmp_path / "c" / "run" / "bank", ["fixed"], bootstrap=10, params={"fixed": {"tau": 0.22}})
+    rows = [r for r in offline if r["name"] == "fixed"]
+    assert any(0 < r["coverage"] < 1 for r in rows)  # the threshold cuts through the pixels somewhere
+    for p, row in zip(online, rows):
+        assert p["online"]["selector"] == "fixed" and p["online"]["params"] == {"tau": 0.22}
+        assert [p["online"][k] for k in ("coverage", "precision", "recall")] == [row[k] for k in ("coverage", "precision", "recall")]
 
 
 def test_strong_views_can_leave_batchnorm_running_statistics_alone():

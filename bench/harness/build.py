@@ -21,22 +21,16 @@ from bench.contract.metrics import SelectionQualityMeter
 from bench.data.loaders import MIX, UNLABELED, EvalSet, LabeledSet, UnlabeledSet, eval_collate, iteration_loader
 from bench.data.sources import Source, get_source
 from bench.data.splits import Split, load_split
+from bench.harness.banking import BankRecorder
 from bench.harness.checkpoint import warm_start_weights
 from bench.harness.config import TrainConfig
+from bench.harness.device import resolve_device
 from bench.harness.frameworks import FRAMEWORKS, Batch, Framework, UnlabeledView
 from bench.harness.models import DeepLabV3Plus, build_model
 from bench.harness.replicas import RANK_SEED_STRIDE, Replicas
 from bench.harness.runlog import RunLog
 from bench.harness.runtime import use_deterministic_kernels
 from bench.harness.seam import SelectorSeam
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name}: no CUDA device is visible to PyTorch (use device=cpu)")
-    return torch.device(name)
 
 
 @dataclass
@@ -55,6 +49,7 @@ class RunParts:
     optimizer: torch.optim.SGD
     seam: SelectorSeam | None  # semi-supervised runs
     log: RunLog
+    bank: BankRecorder | None = None  # bank_points > 0: the teacher's predictions kept in out/bank
 
     @property
     def num_classes(self) -> int:
@@ -124,6 +119,7 @@ def build_run(config: TrainConfig) -> RunParts:
         cfg, Path(cfg.out), device, determinism, replicas, framework, source, split, model, ema,
         net=DistributedDataParallel(model) if replicas.world > 1 else model,
         optimizer=build_optimizer(model, cfg), seam=seam, log=RunLog(meter, _replicas=replicas),
+        bank=BankRecorder(Path(cfg.out) / "bank", cfg, source, split, cfg.bank_images) if semi and cfg.bank_points else None,
     )
 
 

@@ -34,11 +34,11 @@ GENERAL_DEFAULTS = {"scale_min": 0.5, "scale_max": 2.0, "protocol": "classic"}
 # storage folder can be moved and still resumed.
 # `deterministic` changes how reproducible a CUDA run is, not what it computes: a run may be
 # resumed with it switched, and adding it left every earlier config hash as it was.
-# Selection probes measure the teacher on the side (their random draws are kept apart from
+# Bank points measure the teacher on the side (their random draws are kept apart from
 # training's), so a run with them trains exactly as one without.
 NON_RESULT_KEYS = (
     "out", "workers", "wandb_project", "wandb_group", "wandb_mode", "checkpoint_every", "log_every", "init_from", "deterministic",
-    "selection_probes", "selection_probe_images", "eval_batch_size",
+    "bank_points", "bank_images", "eval_batch_size",
 )
 # Keys added after runs were stored: at their default they stay out of the hash, so the
 # hashes (and resumes) of those runs still hold.
@@ -74,8 +74,8 @@ class TrainConfig:
     eval_stride: float = 2 / 3  # sliding-window stride as a fraction of eval_crop
     eval_batch_size: int = 8  # images per evaluation forward, when they share a size (1 for a tight GPU)
     probe_images: int = 200  # unlabeled images scored at the end: AUROC of max confidence
-    selection_probes: int = 0  # points in training where every selector is scored on the teacher's predictions
-    selection_probe_images: int = 30  # unlabeled images per selection probe
+    bank_points: int = 0  # points in training where the teacher's predictions are banked (out/bank) and every selector scored on them
+    bank_images: int = 30  # unlabeled images per bank point
     # model
     backbone: str = "resnet10t"  # any timm model with features_only
     pretrained: str | None = None  # efficientnet_lite0/1/2 (ImageNet weights from pip packages), a local weights file, or "timm" (local cache only)
@@ -140,8 +140,8 @@ class TrainConfig:
             raise ConfigError(f"resize is [height, width] in pixels, got {self.resize}")
         if not 0 < self.scale_min <= self.scale_max:
             raise ConfigError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
-        if self.selection_probes < 0 or self.selection_probes > self.iters or self.selection_probe_images < 1:
-            raise ConfigError(f"need 0 <= selection_probes <= iters and selection_probe_images >= 1, got {self.selection_probes}, {self.selection_probe_images}")
+        if self.bank_points < 0 or self.bank_points > self.iters or self.bank_images < 1:
+            raise ConfigError(f"need 0 <= bank_points <= iters and bank_images >= 1, got {self.bank_points}, {self.bank_images}")
         if not 0 < self.eval_stride <= 1:
             raise ConfigError(f"eval_stride is a fraction of the window in (0, 1], got {self.eval_stride}")
         if self.logit_penalty < 0 or self.logit_penalty_margin < 0:

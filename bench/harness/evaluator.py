@@ -1,18 +1,15 @@
-"""What a run measures besides training: mIoU on val or test, every selector scored on
-the teacher's current predictions, and the confidence AUROC on unlabelled images."""
+"""What a run measures besides training: mIoU on val or test, every selector scored on the
+teacher's banked predictions, and the confidence AUROC on unlabelled images."""
 
 from __future__ import annotations
 
+import copy
 import json
 
-import torch
-
-from bench.harness.analysis import calibration, predict, select_eval
+from bench.contract.metrics import SelectionQualityMeter
 from bench.harness.build import RunParts
 from bench.harness.evaluate import confidence_probe, evaluate
-
-# The selection-quality columns kept per selector at each scoring point.
-SCORE_COLUMNS = ("coverage", "precision", "matched_threshold_precision", "precision_gain", "gain_ci", "auroc")
+from bench.results.scoring import COLUMNS, calibration, score_predictions, select_all
 
 
 def miou(parts: RunParts, entries=None) -> dict:
@@ -27,29 +24,31 @@ def final_miou(parts: RunParts, last_val: dict) -> dict:
     return last_val if parts.config.eval_split == "val" else miou(parts, parts.split.test)
 
 
-def score_selectors(parts: RunParts, done: int) -> dict:
-    """Every registered selector on the teacher's current predictions for the same
-    unlabeled images, with the teacher's calibration: is confidence failing as
-    self-training goes on? Its random draws (stochastic passes) leave training's alone."""
-    model = parts.eval_model
-    was_training = model.training
-    devices = [parts.device] if parts.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(parts.config.seed * 1_000_003 + done)
-        model.eval()
-        try:
-            with parts.autocast():  # the model as in training; selectors in fp32 (outside autocast)
-                preds = predict(model, parts.source, parts.split, parts.device, parts.config.selection_probe_images)
-        finally:
-            model.train(was_training)
-        rows = select_eval(preds, bootstrap=500, seed=done)
+def bank_and_score(parts: RunParts, done: int) -> dict:
+    """Bank the teacher's predictions at iteration `done` (out/bank) and score every
+    registered selector on them as the bank gives them back; beside them, the run's own
+    selector in its training state on the same images (what its meter says there)."""
+    preds = parts.bank.record(parts.eval_model, parts.device, done, done / parts.config.iters, parts.autocast)
+    rows = score_predictions(preds, bootstrap=500, seed=done)
     scores = {
         "iter": done,
         "images": len(preds.probs),
         **calibration(preds),
-        "selectors": {r["name"]: {k: r[k] for k in SCORE_COLUMNS if k in r} for r in rows},
+        "selectors": {r["name"]: {k: r[k] for k in COLUMNS if k in r} for r in rows},
+        "online": own_selection(parts, preds),
     }
     return json.loads(json.dumps(scores, default=float))  # plain floats: checkpoints load with weights_only
+
+
+def own_selection(parts: RunParts, preds) -> dict:
+    """The run's selector as it stands in training (a copy: training's state is left alone)
+    on `preds`, through the meter training uses."""
+    selector = copy.deepcopy(parts.seam.selector)
+    meter = SelectionQualityMeter(parts.num_classes)
+    for i, s in enumerate(select_all(selector, preds)):
+        meter.update(s, preds.gt[i][None], valid=preds.valid(i)[None])
+    q = meter.compute()
+    return {"selector": selector.name, "params": selector.params(), **{k: q[k] for k in ("coverage", "precision", "recall")}}
 
 
 def confidence_auroc(parts: RunParts) -> dict | None:

@@ -9,7 +9,6 @@ only mean something for inputs scaled the way they were trained on.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from bench.data.transforms import Normalization
+from bench.files import sha256_of
 
 # pretrained=<name> -> (the pip package shipping the weights, the timm architecture they fit).
 # The packages (Apache-2.0, ML Illustrated) hold the ImageNet checkpoints of the EfficientNet
@@ -59,14 +59,6 @@ def input_normalization(backbone: str, pretrained: str | None) -> Normalization:
     if cfg is None or getattr(cfg, "mean", None) is None:
         return Normalization()
     return Normalization(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def packaged_file(name: str) -> Path:

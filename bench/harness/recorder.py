@@ -101,8 +101,8 @@ class Recorder:
         r = self.record
         r.status, r.iteration, r.curves, r.updated = "running", done, log.curves, now()
         r.cost = log.cost_summary(done, self.parts.device, self.parts.seam)
-        if log.selection_probes:
-            r.selection_over_training = log.selection_probes
+        if log.selection_over_training:
+            r.selection_over_training = log.selection_over_training
         self.write()
         self.tracker.log(point, step=done)
         if self.on_log is not None:
@@ -125,7 +125,7 @@ class Recorder:
             "unlabeled_probe": confidence_auroc,
         }
         r.selection = log.global_meter().compute() if log.meter is not None else None
-        r.selection_over_training = log.selection_probes or None
+        r.selection_over_training = log.selection_over_training or None
         r.cost = log.cost_summary(cfg.iters, parts.device, parts.seam)
         self.write()
         self.tracker.summary({"final_miou": final["miou"], "miou_best_val": log.best_val[0], **{f"selection_{k}": v for k, v in (r.selection or {}).items()}})

@@ -31,7 +31,7 @@ class RunLog:
     pending_eval: dict = field(default_factory=dict)  # an evaluation not yet in the curves
     last_eval: dict | None = None
     best_val: tuple[float, int] = (math.nan, -1)  # (mIoU, iteration)
-    selection_probes: list[dict] = field(default_factory=list)  # every selector scored on the teacher during training
+    selection_over_training: list[dict] = field(default_factory=list)  # every selector scored at each bank point
     cost: dict = field(default_factory=lambda: {"wall_s": 0.0})  # training time (the selector's own is the seam's)
     _mark: float = field(default=0.0, repr=False)  # wall-clock start of the time not yet counted
     _replicas: Replicas = field(default_factory=Replicas, repr=False)  # data-parallel workers whose counts add up

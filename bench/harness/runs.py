@@ -16,7 +16,7 @@ from bench.harness.config import TrainConfig, from_dict
 from bench.data.sources import Source, get_source
 from bench.data.splits import Split, load_split
 from bench.harness.models import DeepLabV3Plus, build_model
-from bench.harness.build import resolve_device
+from bench.harness.device import resolve_device
 from bench.harness.checkpoint import CHECKPOINT, load_checkpoint
 from bench.results.record import RECORD, RecordError, RunRecord, read_record
 

@@ -1,4 +1,4 @@
-"""When a run evaluates, logs, checkpoints and scores the selectors, as plain arithmetic."""
+"""When a run evaluates, logs, checkpoints and banks the teacher's predictions, as plain arithmetic."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class Moments:
     evaluate: bool  # mIoU on val (every eval_every, and at the end)
     log: bool  # a curve point (every log_every, and at every evaluation)
     checkpoint: bool  # every checkpoint_every, except at the end (the final checkpoint is the finish's)
-    score_selectors: bool  # every registered selector scored on the teacher (selection_probes points)
+    bank: bool  # the teacher's predictions banked and every registered selector scored on them (bank_points)
 
     @property
     def reads_device(self) -> bool:
@@ -26,11 +26,11 @@ class Schedule:
     eval_every: int
     log_every: int
     checkpoint_every: int
-    score_points: frozenset[int]
+    bank_points: frozenset[int]
 
     @classmethod
     def for_run(cls, cfg, semi_supervised: bool) -> "Schedule":
-        n = cfg.selection_probes if semi_supervised else 0
+        n = cfg.bank_points if semi_supervised else 0
         points = frozenset(round(cfg.iters * k / n) for k in range(1, n + 1)) if n else frozenset()
         return cls(cfg.iters, cfg.eval_every, cfg.log_every, cfg.checkpoint_every, points)
 
@@ -41,5 +41,5 @@ class Schedule:
             evaluate=evaluate,
             log=evaluate or done % self.log_every == 0,
             checkpoint=done % self.checkpoint_every == 0 and done < self.iters,
-            score_selectors=done in self.score_points,
+            bank=done in self.bank_points,
         )

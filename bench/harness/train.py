@@ -102,9 +102,9 @@ class Trainer:
         if now.evaluate:
             with log.untimed():
                 log.add_eval(evaluator.miou(parts), done)
-        if now.score_selectors and parts.replicas.is_main:
+        if now.bank and parts.replicas.is_main:
             with log.untimed():
-                log.selection_probes.append(evaluator.score_selectors(parts, done))
+                log.selection_over_training.append(evaluator.bank_and_score(parts, done))
         if now.log:  # val_miou at the iteration it was measured
             log.charge_time()
             point = self.books.log(done, lr)

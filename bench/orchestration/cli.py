@@ -239,25 +239,81 @@ def cmd_sweep(args) -> None:
         raise SystemExit(f"sweep {sweep.name}: every trial done (records in {outcome.trials_dir}), but no leaderboard: {table_error}")
 
 
-def cmd_select_eval(args) -> None:
-    from bench.harness import analysis
-    from bench.files import atomic_write_text
-
-    _threads(args.threads)
+def _load_run_or_exit(path: str):
     from bench.data.sources import DataError
     from bench.harness.checkpoint import CheckpointError
     from bench.harness.runs import RunFolderError, load_run
 
     try:
-        run = load_run(args.run)
+        return load_run(path)
     except (RunFolderError, DataError, CheckpointError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
-    preds = analysis.collect_predictions(run, limit=args.images)
-    rows = analysis.select_eval(preds)
-    table = analysis.format_select_eval(rows)
-    print(f"{len(preds.probs)} unlabeled images of {args.run}; every selector on the same predictions\n")
+
+
+def _record_checkpoint(run, folder: Path, images: int):
+    """The checkpoint's teacher as one point of the bank in `folder`; the point."""
+    import contextlib
+
+    from bench.harness.banking import BankRecorder
+    from bench.results.bank import BankError
+
+    try:
+        recorder = BankRecorder(folder, run.config, run.source, run.split, images)
+        return recorder.record(run.model, run.device, run.iteration, run.iteration / run.config.iters, contextlib.nullcontext)
+    except BankError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def cmd_bank_record(args) -> None:
+    _threads(args.threads)
+    run = _load_run_or_exit(args.run)
+    folder = Path(args.out or run.path / "bank")
+    preds = _record_checkpoint(run, folder, args.images)
+    print(f"{folder}: iteration {run.iteration} of {run.path} banked ({len(preds.probs)} unlabeled images)")
+
+
+def cmd_bank_score(args) -> None:
+    from tqdm import tqdm
+
+    from bench.results.bank import BankError
+    from bench.results.figures import plot_bank_scores
+    from bench.results.scoring import format_scores, score_bank, write_scores
+
+    _threads(args.threads)
+    bar = tqdm(desc="points scored", unit="point", disable=not sys.stderr.isatty())
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        rows = score_bank(args.bank, args.selectors, bootstrap=args.bootstrap, progress=progress)
+    except (BankError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    finally:
+        bar.close()
+    out = Path(args.out or Path(args.bank) / "scores")
+    written = write_scores(rows, out)
+    plot_bank_scores(rows, out / "scores_over_training.png", args.selectors)
+    for iteration in sorted({r["iteration"] for r in rows}):
+        at = [r for r in rows if r["iteration"] == iteration]
+        print(f"\niteration {iteration} (progress {at[0]['progress']:.2f})\n{format_scores(at)}")
+    print(f"\nwrote {', '.join(str(out / f) for f in written + ['scores_over_training.png'])}")
+
+
+def cmd_select_eval(args) -> None:
+    from bench.files import atomic_write_text
+    from bench.harness import analysis
+    from bench.results.scoring import format_scores, score_predictions
+
+    _threads(args.threads)
+    run = _load_run_or_exit(args.run)
+    out = Path(run.path / "select_eval")
+    bank = Path(args.out or out / "bank")
+    preds = _record_checkpoint(run, bank, args.images)
+    table = format_scores(score_predictions(preds))
+    print(f"{len(preds.probs)} unlabeled images of {args.run} (banked in {bank}); every selector on the same predictions\n")
     print(table)
-    out = Path(args.out or run.path / "select_eval")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "select_eval.md", table + "\n")
     analysis.plot_precision_coverage(preds, out / "precision_coverage.png")
@@ -365,9 +421,25 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("select-eval", help="every selector on one trained model's predictions (no retraining)")
     se.add_argument("run", help="a run folder (record.json + checkpoint.pt)")
     se.add_argument("--images", type=int, default=100, help="unlabeled images to score")
-    se.add_argument("--out", help="folder for the table and figure (default: RUN/select_eval)")
+    se.add_argument("--out", help="the bank the predictions go to (default: RUN/select_eval/bank); table and figure in RUN/select_eval")
     se.add_argument("--threads", type=int)
     se.set_defaults(func=cmd_select_eval)
+
+    bank = sub.add_parser("bank", help="prediction banks: a teacher's outputs kept for scoring any selector later (docs/banks.md)")
+    bank_sub = bank.add_subparsers(dest="bank_command", required=True)
+    br = bank_sub.add_parser("record", help="bank a trained run's checkpoint (one point)")
+    br.add_argument("run", help="a run folder (record.json + checkpoint.pt)")
+    br.add_argument("--images", type=int, default=30, help="unlabeled images (the first of the split)")
+    br.add_argument("--out", help="the bank folder (default: RUN/bank, where bank_points also go)")
+    br.add_argument("--threads", type=int)
+    br.set_defaults(func=cmd_bank_record)
+    bs = bank_sub.add_parser("score", help="score every registered selector at every point of a bank")
+    bs.add_argument("bank", help="a bank folder (manifest.json)")
+    bs.add_argument("--selectors", nargs="+", metavar="NAME", help="default: every registered selector, plugins included")
+    bs.add_argument("--bootstrap", type=int, default=1000, help="resamples of images for the gain's interval")
+    bs.add_argument("--out", help="folder for scores.json/.csv/.md and the figure (default: BANK/scores)")
+    bs.add_argument("--threads", type=int)
+    bs.set_defaults(func=cmd_bank_score)
 
     an = sub.add_parser("analyze", help="figures: confidence overlap, (C, V) plane, precision-coverage, curves")
     an.add_argument("folder", help="folder of run records (e.g. a sweep's trials/)")

@@ -49,12 +49,12 @@ def plot_curves(frame, path: Path) -> None:
 
 
 def selection_over_training(frame) -> dict[str, list[dict]]:
-    """The selection probes of every run in `frame` that has them, by training method."""
-    probes: dict[str, list[dict]] = {}
+    """The scores at the bank points of every run in `frame` that has them, by training method."""
+    points: dict[str, list[dict]] = {}
     for run, method in zip(frame["run"].to_list(), frame["method"].to_list()):
         for point in read_record(run).selection_over_training or []:
-            probes.setdefault(method, []).append(point)
-    return probes
+            points.setdefault(method, []).append(point)
+    return points
 
 
 def plot_selection_over_training(probes: dict[str, list[dict]], path: Path, names: list[str] | None = None) -> None:
@@ -98,6 +98,35 @@ def plot_selection_over_training(probes: dict[str, list[dict]], path: Path, name
         row[2].set(xlabel="iteration", ylabel="%", title=f"teacher calibration (mean over {runs} run{'s' * (runs > 1)})")
         row[0].legend(fontsize=6, ncol=2)
         row[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bank_scores(rows: list[dict], path: Path, names: list[str] | None = None) -> None:
+    """Each metric of `bench.results.scoring.score_bank` against training progress, one line
+    per selector: does confidence fail more as training goes on?"""
+    plt = pyplot()
+    metrics = (("precision_gain", "precision gain over the same-size threshold (points)"), ("precision", "precision (%)"),
+               ("coverage", "coverage (%)"), ("recall", "recall (%)"), ("auroc", "AUROC of the weight"))
+    selectors = names or sorted({r["name"] for r in rows if "coverage" in r})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
+    colours = plt.get_cmap("tab20").colors
+    for i, name in enumerate(selectors):
+        mine = sorted((r for r in rows if r["name"] == name), key=lambda r: r["progress"])
+        xs = [r["progress"] for r in mine]
+        for ax, (key, _) in zip(axes, metrics):
+            ys = [np.nan if r.get(key) is None else r[key] * (1 if key == "auroc" else 100) for r in mine]
+            ax.plot(xs, ys, marker="o", ms=3, color=colours[i % 20], label=name)
+            if key == "precision_gain":
+                low = [np.nan if not r.get("gain_ci") else 100 * r["gain_ci"][0] for r in mine]
+                high = [np.nan if not r.get("gain_ci") else 100 * r["gain_ci"][1] for r in mine]
+                ax.fill_between(xs, low, high, color=colours[i % 20], alpha=0.1)
+    for ax, (key, label) in zip(axes, metrics):
+        ax.set(xlabel="training progress", ylabel=label)
+        if key == "precision_gain":
+            ax.axhline(0, color="k", lw=0.8)
+    axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -35,7 +35,7 @@ class RunRecord:
     curves: list[dict] = field(default_factory=list)
     final: dict | None = None  # complete runs: mIoU on the eval split, best/last val, per class
     selection: dict | None = None  # selection quality over all of training (semi-supervised)
-    selection_over_training: list[dict] | None = None  # every selector scored on the teacher at probe points
+    selection_over_training: list[dict] | None = None  # every selector scored on the teacher at each bank point
     cost: dict | None = None
     error: dict | None = None  # failed or skipped: {type, message, iteration}
     traceback: str | None = None
