@@ -3,6 +3,7 @@ loops over images, pixels, classes and neighbours; numpy percentiles; scipy's t 
 a dense Sinkhorn with the dummy row and column written out as the source does."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -175,6 +176,136 @@ def test_s4mc_learns_e_from_the_labelled_pairs_and_keeps_it_in_its_state():
     again = get_selector("s4mc", num_classes=3)
     again.load_state_dict(sel.state_dict())
     assert torch.equal(again.expectation(), E) and again.all_pairs[0].item() == 2 * 2 * 480
+
+
+# The formulas of the first (unfused) S4MC implementation, written out with whole-tensor
+# torch ops: the stack of neighbour maps, topk / amax over it, the refinement over
+# (B, K, H, W), topk over K for the margin, and torch.nanquantile over float64. The shipped
+# selector (one sweep over the class slices or one compiled pass, a radix select for the
+# quantile, per-pixel pair counts) must give the same selection bit for bit.
+_S4MC_OFFSETS = {4: ((-1, 0), (1, 0), (0, -1), (0, 1)), 8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))}
+
+
+def s4mc_formula_pairs(target, K):
+    same, total = torch.zeros(K + 1, dtype=torch.float64), torch.zeros(K + 1, dtype=torch.float64)
+    t = target.long()
+    for centre, other in ((t[:, 1:], t[:, :-1]), (t[:, :-1], t[:, 1:]), (t[:, :, 1:], t[:, :, :-1]), (t[:, :, :-1], t[:, :, 1:])):
+        both = (centre < K) & (other < K) & (centre >= 0) & (other >= 0)
+        slot = centre.masked_fill(~both, K).flatten()
+        total.index_add_(0, slot, torch.ones_like(slot, dtype=torch.float64))
+        same.index_add_(0, slot, (both & (centre == other)).flatten().double())
+    return same[:K], total[:K]
+
+
+def s4mc_formula_indicator(q, kind):
+    if kind == "confidence":
+        return q.amax(dim=1)
+    if kind == "margin":
+        top2 = q.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    return -(q * torch.log(q + 1e-10)).sum(dim=1)
+
+
+def s4mc_formula(probs, valid, expect, progress, kind, connectivity, k, keep_start=60.0):
+    """(reliable, label) from float32 probs and float64 E (K,)."""
+    H, W = probs.shape[-2:]
+    padded = torch.nn.functional.pad(probs.masked_fill(~valid[:, None], 0.0), (1, 1, 1, 1))
+    near = torch.stack([padded[..., 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] for dy, dx in _S4MC_OFFSETS[connectivity]])
+    ranked = near.topk(k, dim=0).values if k > 1 else near.amax(dim=0, keepdim=True)
+    e = expect.to(probs.dtype)[None, :, None, None]
+    q = probs
+    for n in ranked:
+        q = q + math.exp(-0.5) * n - math.exp(-0.5) * torch.maximum(q * n, q * e)
+    before, after = s4mc_formula_indicator(probs, kind), s4mc_formula_indicator(q, kind)
+    keep = 100.0 - (100.0 - keep_start) * (1.0 - progress)
+    level = keep if kind == "entropy" else 100.0 - keep
+    gamma = torch.nanquantile(before.double().masked_fill(~valid, math.nan).flatten(), level / 100.0)
+    kept = after.double() < gamma if kind == "entropy" else after.double() > gamma
+    return kept & valid, probs.argmax(1)
+
+
+def s4mc_random_batches(K, seed):
+    """Random batches with invalid pixels (an image all invalid, one all valid), sharp and
+    flat, some with tied probabilities (so tied maxima and tied quantile values)."""
+    g = torch.Generator().manual_seed(seed)
+    for i, (B, H, W, scale) in enumerate([(3, 9, 11, 3.0), (2, 1, 7, 0.5), (4, 6, 6, 8.0), (1, 13, 5, 1.5)]):
+        probs = (torch.randn(B, K, H, W, generator=g, dtype=torch.float64) * scale).softmax(1)
+        if i % 2 == 0:  # ties: probabilities on a grid of eighths, renormalised
+            probs = (probs * 8).round()
+            probs = probs / probs.sum(1, keepdim=True)
+        valid = torch.rand(B, H, W, generator=g) < 0.7
+        if B > 2:
+            valid[0], valid[1] = False, True
+        target = torch.randint(-1, K + 1, (B, H, W), generator=g)  # -1 and K: not classes
+        target[torch.rand(B, H, W, generator=g) < 0.2] = IGNORE
+        yield probs.float(), valid, target, float(torch.rand(1, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["margin", "confidence", "entropy"])
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("e_joint", ["labeled", "independent", "given"])
+def test_s4mc_selection_is_bit_identical_to_the_formula(kind, connectivity, k, e_joint):
+    K = 5
+    e = [0.95, 0.1, 0.5, 0.0, 0.7] if e_joint == "given" else e_joint
+    sel = get_selector("s4mc", num_classes=K, indicator=kind, connectivity=connectivity, neighbours=k, e_joint=e)
+    same, total = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    for step, (probs, valid, target, progress) in enumerate(s4mc_random_batches(K, seed=connectivity * 10 + k)):
+        out = sel.select(probs, valid, progress=progress, labeled_target=target)
+        if e_joint == "labeled":  # E from every labelled batch so far, this one included
+            s, t = s4mc_formula_pairs(target, K)
+            same, total = same + s, total + t
+            expect = same / total.clamp(min=1)
+        else:
+            expect = torch.zeros(K, dtype=torch.float64) if e_joint == "independent" else torch.tensor(e, dtype=torch.float64)
+        reliable, label = s4mc_formula(probs, valid, expect, progress, kind, connectivity, k)
+        assert torch.equal(out.reliable, reliable), (step, int((out.reliable != reliable).sum()))
+        assert torch.equal(out.weight, reliable.float()) and torch.equal(out.label, label)
+        if e_joint == "labeled":
+            assert torch.equal(sel.same_pairs, same) and torch.equal(sel.all_pairs, total)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("kind,connectivity", [("margin", 4), ("confidence", 8)])
+def test_s4mc_compiled_pass_is_bit_identical_to_the_formula(monkeypatch, kind, connectivity):
+    """Large CPU batches run the refinement as one compiled pass and the quantile's digit
+    passes compiled (CSLBENCH_KERNELS=auto from 2**22 probabilities): the selection must not
+    change."""
+    from methods import s4mc
+
+    monkeypatch.setenv("CSLBENCH_KERNELS", "compile")
+    K = 6
+    sel = get_selector("s4mc", num_classes=K, indicator=kind, connectivity=connectivity, e_joint=[0.9, 0.0, 0.3, 0.5, 0.7, 1.0])
+    for probs, valid, target, progress in list(s4mc_random_batches(K, seed=7))[:2]:
+        out = sel.select(probs, valid, progress=progress, labeled_target=target)
+        reliable, label = s4mc_formula(probs, valid, sel.expectation(), progress, kind, connectivity, 1)
+        assert torch.equal(out.reliable, reliable) and torch.equal(out.label, label)
+        assert torch.equal(torch.stack(s4mc.same_class_pair_counts(target, K)), torch.stack(s4mc_formula_pairs(target, K)))
+    assert not any(f.failed for f in (s4mc.fused_indicators, s4mc.padded_masked, s4mc._first_digits, s4mc._next_digits))  # it compiled
+
+
+def test_s4mc_quantile_is_torch_nanquantile_bit_for_bit():
+    """The radix select gives torch.nanquantile's number exactly: ties, NaN (ignored, as
+    nanquantile does), infinities, signed zeros, subnormals, one value, no valid value."""
+    from methods.s4mc import valid_quantile
+
+    g = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, 1e-45, -1e-45, math.nan, 0.5])
+    for i in range(400):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        values = [
+            torch.rand(n, generator=g),
+            (torch.rand(n, generator=g) * 4).round() / 4,
+            torch.randn(n, generator=g) * 1e30,
+            specials[torch.randint(0, len(specials), (n,), generator=g)],
+            torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64).int().view(torch.float32),  # any bits
+            ((torch.randint(0, 2**17, (n,), generator=g, dtype=torch.int64) | 0x3F000000).int().view(torch.float32)),  # across a 16-bit edge
+        ][i % 6].reshape(1, 1, n)
+        valid = torch.rand(1, 1, n, generator=g) < [1.0, 0.7, 0.05, 0.0][i % 4]
+        for fraction in (0.0, 1.0, float(torch.rand(1, generator=g))):
+            expected = torch.nanquantile(values.double().masked_fill(~valid, math.nan).flatten(), fraction)
+            got = valid_quantile(values, valid, fraction)
+            assert (expected.isnan() and got.isnan()) or got == expected, (i, fraction, got, expected)
 
 
 # ---------------------------------------------------------------- CSA

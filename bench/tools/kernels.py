@@ -6,6 +6,12 @@ process, are what carries between machines. Two references: the naive threshold
 argmax makes it compute-bound) and one plain read of the probabilities (`probs.sum()`,
 the floor any selector that looks at every probability must pay). The per-image SVD loop
 (the straightforward way to write CSL's split) is timed as a third reference for CSL.
+
+A selector that reads stochastic passes (`mc_passes` > 0: UPS, CSA) gets them as context,
+drawn once before the timing: its time is its own work on those T passes, also given per
+pass (ms and ratio divided by T). A selector with an iteration count (a parameter whose
+name ends in `_iters`, CSA's Sinkhorn) is timed a second time, in the same rounds, with
+that parameter at 1: (t(iters) - t(1)) / (iters - 1) is the cost of one iteration.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ BARE = "bare threshold"
 READ = "one read (probs.sum())"
 SVD_LOOP = "csl (per-image SVD loop)"
 DEFAULT_SHAPES = ((8, 21, 128, 128), (16, 21, 256, 256))
+ITERATION_SUFFIX = "_iters"  # a selector parameter counting iterations (CSA's sinkhorn_iters)
 
 
 @dataclass
@@ -40,6 +47,12 @@ class KernelTiming:
     ratio_to_read: float
     gb_per_s: float  # probabilities read once per call, per second
     repeats: int
+    passes: int = 0  # stochastic passes given as context (mc_passes)
+    ms_per_pass: float | None = None  # median_ms / passes
+    ratio_per_pass: float | None = None  # ratio_to_bare / passes
+    iterations: int | None = None  # the value of the selector's `*_iters` parameter
+    ms_per_iteration: float | None = None  # (t(iterations) - t(1)) / (iterations - 1)
+    ratio_per_iteration: float | None = None  # ms_per_iteration / the bare threshold's ms
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -152,40 +165,73 @@ def time_kernels(
         pixels = b * h * w
         read_bytes = probs.numel() * probs.element_size()
         kernels: list[tuple[str, Callable[[], object]]] = [(BARE, lambda: bare_threshold(probs, valid)), (READ, lambda: one_read(probs))]
+        passes: dict[str, int] = {}
+        one_iteration: dict[str, tuple[str, int]] = {}  # selector -> (its 1-iteration row, iterations)
         for name in names:
-            sel = get_selector(name, num_classes=k, **(params or {}).get(name, {}))
-            ctx = build_context(sel, available_context(probs))
+            given = (params or {}).get(name, {})
+            sel = get_selector(name, num_classes=k, **given)
+            ctx = build_context(sel, available_context(probs))  # the passes drawn here, untimed
             kernels.append((name, lambda sel=sel, ctx=ctx: sel.select(probs, valid, **ctx)))
+            passes[name] = int(sel.mc_passes)
+            for key, value in sel.params().items():
+                if key.endswith(ITERATION_SUFFIX) and isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                    ref = f"{name} ({key}=1)"
+                    once = get_selector(name, num_classes=k, **{**given, key: 1})
+                    kernels.append((ref, lambda sel=once, ctx=ctx: sel.select(probs, valid, **ctx)))  # the same passes
+                    passes[ref] = passes[name]
+                    one_iteration[name] = (ref, value)
+                    break
         if include_svd_loop:
             kernels.append((SVD_LOOP, lambda: svd_loop_csl(probs, valid)))
         if progress:
             progress(f"{len(kernels)} kernels at {'x'.join(map(str, shape))} on {device}")
         times = _interleaved_times(kernels, dev, min_repeats, budget_s * len(kernels))
-        bare_ms = statistics.median(times[BARE]) * 1e3
-        read_ms = statistics.median(times[READ]) * 1e3
+        medians = {kernel: statistics.median(t) * 1e3 for kernel, t in times.items()}
+        references = {ref for ref, _ in one_iteration.values()}
+        bare_ms, read_ms = medians[BARE], medians[READ]
         for kernel, _ in kernels:
-            median_ms = statistics.median(times[kernel]) * 1e3
-            rows.append(
-                KernelTiming(
-                    kernel=kernel,
-                    device=device,
-                    shape="x".join(map(str, shape)),
-                    median_ms=median_ms,
-                    mpixel_per_s=pixels / median_ms / 1e3,
-                    ratio_to_bare=median_ms / bare_ms,
-                    ratio_to_read=median_ms / read_ms,
-                    gb_per_s=read_bytes / median_ms / 1e6,
-                    repeats=len(times[kernel]),
-                )
+            median_ms = medians[kernel]
+            row = KernelTiming(
+                kernel=kernel,
+                device=device,
+                shape="x".join(map(str, shape)),
+                median_ms=median_ms,
+                mpixel_per_s=pixels / median_ms / 1e3,
+                ratio_to_bare=median_ms / bare_ms,
+                ratio_to_read=median_ms / read_ms,
+                gb_per_s=read_bytes / median_ms / 1e6,
+                repeats=len(times[kernel]),
             )
+            t = passes.get(kernel, 0)
+            if t > 0:
+                row.passes, row.ms_per_pass, row.ratio_per_pass = t, median_ms / t, row.ratio_to_bare / t
+            if kernel in one_iteration:
+                ref, iters = one_iteration[kernel]
+                row.iterations = iters
+                row.ms_per_iteration = (median_ms - medians[ref]) / (iters - 1)
+                row.ratio_per_iteration = row.ms_per_iteration / bare_ms
+            elif kernel in references:
+                row.iterations = 1
+            rows.append(row)
         kernels.clear()  # drop the closures so this shape's tensors can be freed
     return rows
 
 
+def _cell(value: float | int | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def format_table(rows: list[KernelTiming]) -> str:
-    header = ("selector", "device", "shape", "median ms", "Mpixel/s", "x bare", "x one read", "GB/s")
+    header = (
+        "selector", "device", "shape", "median ms", "Mpixel/s", "x bare", "x one read", "GB/s",
+        "passes", "ms/pass", "x bare/pass", "iters", "ms/iter", "x bare/iter",
+    )
     body = [
-        (r.kernel, r.device, r.shape, f"{r.median_ms:.2f}", f"{r.mpixel_per_s:.1f}", f"{r.ratio_to_bare:.2f}", f"{r.ratio_to_read:.2f}", f"{r.gb_per_s:.1f}")
+        (
+            r.kernel, r.device, r.shape, f"{r.median_ms:.2f}", f"{r.mpixel_per_s:.1f}", f"{r.ratio_to_bare:.2f}", f"{r.ratio_to_read:.2f}", f"{r.gb_per_s:.1f}",
+            str(r.passes) if r.passes else "-", _cell(r.ms_per_pass), _cell(r.ratio_per_pass),
+            "-" if r.iterations is None else str(r.iterations), _cell(r.ms_per_iteration), _cell(r.ratio_per_iteration, 3),
+        )
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
