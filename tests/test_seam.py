@@ -51,3 +51,58 @@ def test_its_state_round_trips_with_the_selector_state():
     assert again.selector_s == seam.selector_s and again.extra_forward_passes == 0
     other, _ = probs_and_valid(seed=1)
     assert torch.equal(again(other, valid).weight, seam(other, valid).weight)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_followers_hold_the_states_their_selectors_reach_on_the_stream_and_leave_the_run_alone():
+    """A run that banks its teacher keeps every stateful selector without passes in the
+    state it would have in training: each follower's state equals a fresh selector's fed
+    the same batches directly, the run's selection is unchanged, and the states survive
+    a checkpoint (a follower missing from it starts following at the resume)."""
+    from bench.contract import available_selectors
+    from bench.harness.seam import StateFollowers
+
+    stateful = [n for n in available_selectors() if get_selector(n, num_classes=3).state_dict() and get_selector(n, num_classes=3).mc_passes == 0]
+    assert {"flexmatch", "freematch", "softmatch", "daw"} <= set(stateful)
+    plain = SelectorSeam(get_selector("fixed", num_classes=3), torch.device("cpu"))
+    banked = SelectorSeam(get_selector("fixed", num_classes=3), torch.device("cpu"), StateFollowers(3))
+    direct = {n: get_selector(n, num_classes=3) for n in stateful}
+    labeled_probs, _ = probs_and_valid(seed=99)
+    labeled_target = torch.randint(0, 3, labeled_probs.argmax(1).shape, generator=torch.Generator().manual_seed(5))  # some wrong
+    for t in range(1, 5):
+        probs, valid = probs_and_valid(seed=t)
+        available = {"progress": t / 4, "labeled_probs": labeled_probs, "labeled_target": labeled_target}
+        assert torch.equal(plain(probs, valid, **available).weight, banked(probs, valid, **available).weight)
+        for n, sel in direct.items():
+            sel.select(probs, valid, **{k: v for k, v in available.items() if k in sel.context_keys})
+    states = banked.selector_states()
+    assert set(states) == set(stateful)
+    for n in stateful:
+        assert states[n]["since"] == 0 and states[n]["params"] == direct[n].params()
+        assert _same(states[n]["state"], direct[n].state_dict()), n
+    resumed = SelectorSeam(get_selector("fixed", num_classes=3), torch.device("cpu"), StateFollowers(3))
+    resumed.load_state_dict(banked.state_dict(), iteration=4)
+    assert all(_same(resumed.selector_states()[n], states[n]) for n in stateful)
+    late = SelectorSeam(get_selector("fixed", num_classes=3), torch.device("cpu"), StateFollowers(3))
+    late.load_state_dict(plain.state_dict(), iteration=4)  # banking switched on at the resume
+    assert {s["since"] for s in late.selector_states().values()} == {4}
+
+
+def test_a_stateful_run_selector_with_its_defaults_is_its_own_follower():
+    from bench.harness.seam import StateFollowers
+
+    seam = SelectorSeam(get_selector("flexmatch", num_classes=3), torch.device("cpu"), StateFollowers(3, skip="flexmatch"))
+    assert "flexmatch" not in seam.followers.selectors
+    probs, valid = probs_and_valid()
+    seam(probs, valid)
+    assert _same(seam.selector_states()["flexmatch"]["state"], seam.selector.state_dict())
+    tuned = SelectorSeam(get_selector("flexmatch", num_classes=3, tau=0.7), torch.device("cpu"), StateFollowers(3))
+    tuned(probs, valid)  # not its defaults: the bank's flexmatch state is the follower's
+    assert _same(tuned.selector_states()["flexmatch"]["state"], seam.selector.state_dict())

@@ -357,6 +357,30 @@ def test_bank_points_score_every_selector_and_leave_training_alone(tmp_path):
         assert [p["online"][k] for k in ("coverage", "precision", "recall")] == [row[k] for k in ("coverage", "precision", "recall")]
 
 
+def test_a_stateful_selector_scored_from_the_bank_is_the_one_in_training(tmp_path):
+    """Offline equals online for a stateful selector: the bank stores the state the run's
+    flexmatch had at each point, so the bank's score is what its meter measured there; the
+    followers' states ride along for the others (freematch here), and a bank without
+    stored states falls back to a warm-up, which the row says."""
+    from bench.results.bank import load_point, load_truth, read_manifest
+    from bench.results.scoring import score_bank, score_predictions
+
+    online = Trainer(tiny(tmp_path, "selector=flexmatch", "bank_points=2", "bank_images=3"), show_progress=False).run().selection_over_training
+    folder = tmp_path / "run" / "bank"
+    rows = [r for r in score_bank(folder, ["flexmatch", "freematch"], bootstrap=10) if r["name"] in ("flexmatch", "freematch")]
+    assert {r["state"] for r in rows} == {"training"}
+    flex = [r for r in rows if r["name"] == "flexmatch"]
+    for p, row in zip(online, flex):
+        assert p["online"]["selector"] == "flexmatch"
+        assert [p["online"][k] for k in ("coverage", "precision", "recall")] == [row[k] for k in ("coverage", "precision", "recall")]
+    manifest = read_manifest(folder)
+    last = load_point(folder, manifest, manifest.points[-1], load_truth(folder, manifest))
+    assert last.selector_states["flexmatch"]["state"]["step"] > 0  # it followed the run's stream
+    last.selector_states = {}
+    [warm] = [r for r in score_predictions(last, ["flexmatch"], bootstrap=10) if r["name"] == "flexmatch"]
+    assert warm["state"] == "warm-up"
+
+
 def test_strong_views_can_leave_batchnorm_running_statistics_alone():
     from types import SimpleNamespace
 

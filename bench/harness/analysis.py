@@ -18,7 +18,7 @@ from bench.harness.runs import LoadedRun
 from bench.labels import IGNORE
 from bench.results.figures import pyplot as _plt
 from bench.results.predictions import Predictions
-from bench.results.scoring import warmed_selections
+from bench.results.scoring import prepared_selector, select_all
 
 
 def mc_passes_declared(num_classes: int) -> int:
@@ -130,7 +130,7 @@ def plot_precision_coverage(preds: Predictions, path: Path, names: list[str] | N
     curve(conf, "max confidence", color="k", lw=2)
     colours = plt.get_cmap("tab20").colors
     for i, name in enumerate(names):
-        outs = warmed_selections(name, preds)
+        outs = select_all(prepared_selector(name, preds)[0], preds)
         weight = torch.cat([o.weight.flatten() for o in outs])
         reliable = torch.cat([o.reliable.flatten() for o in outs])[labelled]
         own_correct = torch.cat([(o.label[0] == g).flatten() for o, g in zip(outs, preds.gt)])[labelled]

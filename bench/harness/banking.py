@@ -35,9 +35,10 @@ class BankRecorder:
         self.identity = bank_identity(config, source, split, images, self.mc_passes)
         self.manifest: Manifest | None = None
 
-    def record(self, model, device, iteration: int, progress: float, autocast) -> Predictions:
+    def record(self, model, device, iteration: int, progress: float, autocast, selector_states: dict | None = None) -> Predictions:
         """The teacher's predictions at `iteration` (its random draws kept apart from
-        training's), written as a point, in stored precision."""
+        training's), written as a point with the stateful selectors' training states, in
+        stored precision."""
         was_training = model.training
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -49,6 +50,7 @@ class BankRecorder:
             finally:
                 model.train(was_training)
         preds.progress = progress
+        preds.selector_states = selector_states or {}
         if self.manifest is None:
             code = {"cslbench": library_versions()["cslbench"], "git_sha": git_sha()}
             self.manifest = start_bank(self.folder, self.identity, preds.gt, code)

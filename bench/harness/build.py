@@ -30,7 +30,7 @@ from bench.harness.models import DeepLabV3Plus, build_model
 from bench.harness.replicas import RANK_SEED_STRIDE, Replicas
 from bench.harness.runlog import RunLog
 from bench.harness.runtime import use_deterministic_kernels
-from bench.harness.seam import SelectorSeam
+from bench.harness.seam import SelectorSeam, StateFollowers, runs_with_defaults
 
 
 @dataclass
@@ -113,7 +113,12 @@ def build_run(config: TrainConfig) -> RunParts:
     semi = framework.semi_supervised
     if semi and not split.unlabeled:
         raise ValueError(f"framework={cfg.framework} needs unlabeled images, but split {split.origin} has none")
-    seam = SelectorSeam(get_selector(cfg.selector, num_classes=source.num_classes, **cfg.selector_params), device) if semi else None
+    seam = None
+    if semi:
+        selector = get_selector(cfg.selector, num_classes=source.num_classes, **cfg.selector_params)
+        skip = selector.name if runs_with_defaults(selector) else None  # its own state is the one a bank stores
+        followers = StateFollowers(source.num_classes, skip) if cfg.bank_points else None  # their states go into the bank
+        seam = SelectorSeam(selector, device, followers)
     meter = SelectionQualityMeter(source.num_classes, device=device) if semi else None
     return RunParts(
         cfg, Path(cfg.out), device, determinism, replicas, framework, source, split, model, ema,

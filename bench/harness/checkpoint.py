@@ -141,7 +141,7 @@ def restore(parts, state: dict) -> int:
     if parts.ema is not None:
         parts.ema.load_state_dict(state["ema"])
     if parts.seam is not None:
-        parts.seam.load_state_dict(state["seam"])
+        parts.seam.load_state_dict(state["seam"], state["iteration"])
     parts.log.load_state_dict(state["log"])
     set_rng_state(state["rng"])
     return state["iteration"]

@@ -28,7 +28,8 @@ def bank_and_score(parts: RunParts, done: int) -> dict:
     """Bank the teacher's predictions at iteration `done` (out/bank) and score every
     registered selector on them as the bank gives them back; beside them, the run's own
     selector in its training state on the same images (what its meter says there)."""
-    preds = parts.bank.record(parts.eval_model, parts.device, done, done / parts.config.iters, parts.autocast)
+    states = parts.seam.selector_states()
+    preds = parts.bank.record(parts.eval_model, parts.device, done, done / parts.config.iters, parts.autocast, states)
     rows = score_predictions(preds, bootstrap=500, seed=done)
     scores = {
         "iter": done,

@@ -130,7 +130,10 @@ class RunLog:
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         wall = self.cost["wall_s"]
+        followers = getattr(seam, "followers", None)
+        banking = {"bank_followers_ms_per_iter": 1e3 * followers.host_s / trained} if followers is not None else {}  # inside wall_s
         return {
+            **banking,
             "wall_s": wall,
             "iters": done,
             "it_per_s": trained / wall if wall else math.nan,

@@ -8,7 +8,8 @@ so that any selector can be scored on them later, on any machine, without the mo
 
 A point holds, per image, the class probabilities (float16) and, when a registered selector
 declares them, stochastic passes as logits (float16, `mc_passes` of them); the labelled
-batch's probabilities (float16) and targets; and the training progress. The truth lives in
+batch's probabilities (float16) and targets; the training progress; and the states stateful
+selectors had in training at that point, where the run followed them. The truth lives in
 its own file: scoring hands a selector a point's contents only. Every file is
 written atomically and named in the manifest with its sha256 only once complete: a bank
 cut short holds fewer points and goes on from there; a file whose bytes differ from the
@@ -85,6 +86,7 @@ def as_stored(preds: Predictions) -> Predictions:
         labeled=(probs(preds.labeled[0]), preds.labeled[1]) if preds.labeled is not None else None,
         num_classes=preds.num_classes,
         progress=preds.progress,
+        selector_states=preds.selector_states,
     )
 
 
@@ -157,6 +159,7 @@ def add_point(folder: Path | str, manifest: Manifest, iteration: int, preds: Pre
         "probs": [p.to(STORED) for p in preds.probs],
         "mc_logits": [m.to(STORED) for m in preds.mc_logits] if preds.mc_logits is not None else None,
         "labeled": (preds.labeled[0].to(STORED), preds.labeled[1].to(torch.uint8)) if preds.labeled is not None else None,
+        "selector_states": preds.selector_states,
     }
     digest = _save_atomic(folder / name, data)
     manifest.points.append(PointEntry(iteration, preds.progress, name, digest))
@@ -193,6 +196,7 @@ def load_point(folder: Path | str, manifest: Manifest, entry: PointEntry, truth:
         labeled=(labeled[0], labeled[1].long()) if labeled is not None else None,
         num_classes=manifest.num_classes,
         progress=data["progress"],
+        selector_states=data.get("selector_states") or {},  # optional: a point banked from a checkpoint alone has none
     )
     return as_stored(stored)  # float16 -> float32, renormalised exactly as in training
 

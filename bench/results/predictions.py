@@ -3,7 +3,7 @@ selectors are scored on, in memory (`Predictions`) or on disk (a prediction bank
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -17,6 +17,8 @@ class Predictions:
     labeled: tuple[Tensor, Tensor] | None  # a labelled batch: probabilities (B, K, H, W), targets (B, H, W)
     num_classes: int
     progress: float = 1.0  # of the run at these predictions (the context `progress`)
+    # stateful selectors' states in training at these predictions, per name: params, since, state
+    selector_states: dict = field(default_factory=dict)
 
     def available(self, i: int, name: str = "?") -> dict:
         """Every context a selector may declare for image `i` (`build_context` takes what it asks for)."""

@@ -34,13 +34,22 @@ def select_all(sel, preds: Predictions) -> list[Selection]:
     return out
 
 
-def warmed_selections(name: str, preds: Predictions, params: dict | None = None) -> list[Selection]:
-    """The selections of a fresh `name`: one pass over the images first warms a stateful
-    selector (its EMAs, histories, counts), the second is scored (docs/banks.md)."""
+def prepared_selector(name: str, preds: Predictions, params: dict | None = None):
+    """A fresh `name` in the state it should be scored in, and where that state came from:
+    "training" (the state the run's follower or own selector had at these predictions),
+    "followed from iteration N" (banking began at a resume), "warm-up" (no stored state:
+    one pass over these images first fills its EMAs, histories and counts), or None for a
+    stateless selector (docs/banks.md says how close each is)."""
     sel = get_selector(name, num_classes=preds.num_classes, **(params or {}))
-    if sel.state_dict():
+    if not sel.state_dict():
+        return sel, None
+    stored = preds.selector_states.get(name)
+    if stored is not None and stored["params"] == sel.params():
+        sel.load_state_dict(stored["state"])
+        return sel, "training" if stored["since"] == 0 else f"followed from iteration {stored['since']}"
+    if all(c in preds.available(0) for c in sel.required_context):
         select_all(sel, preds)
-    return select_all(sel, preds)
+    return sel, "warm-up"
 
 
 def calibration(preds: Predictions, bins: int = 15, confident: float = 0.95) -> dict:
@@ -132,11 +141,12 @@ def score_predictions(
     ]
     offered = set(preds.available(0)) if preds.probs else set()
     for name in names:
-        missing = [c for c in get_selector(name, num_classes=k, **(params or {}).get(name, {})).required_context if c not in offered]
+        sel, state = prepared_selector(name, preds, (params or {}).get(name))
+        missing = [c for c in sel.required_context if c not in offered]
         if missing:  # e.g. stochastic passes a bank recorded without
             rows.append({"name": name, "skipped": f"needs {', '.join(missing)}, which these predictions do not hold"})
             continue
-        selections = warmed_selections(name, preds, (params or {}).get(name))
+        selections = select_all(sel, preds)
         meter = SelectionQualityMeter(k)
         per_img_sel, per_img_hit = np.zeros(n), np.zeros(n)
         for i, (s, g, lab) in enumerate(zip(selections, preds.gt, labelled)):
@@ -145,6 +155,8 @@ def score_predictions(
             per_img_sel[i], per_img_hit[i] = float(chosen.sum()), float((chosen & (s.label[0] == g)).sum())
         q = meter.compute()
         row = {"name": name, "coverage": q["coverage"], "precision": q["precision"], "recall": q["recall"], "auroc": q["auroc"]}
+        if state is not None:
+            row["state"] = state
         k_total = per_img_sel.sum()
         if k_total:
             matched = precision_at_count(all_h.sum(0, keepdims=True), cor_h.sum(0, keepdims=True), np.array([k_total]))[0]
@@ -171,8 +183,9 @@ def format_scores(rows: list[dict]) -> str:
         gain = r.get("precision_gain")
         ci = r.get("gain_ci")
         gain_txt = "–" if gain is None or ci is None or math.isnan(gain) else f"{100 * gain:+.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+        name = r["name"] + (f" ({r['state']} state)" if r.get("state") not in (None, "training") else "")
         lines.append(
-            f"| {r['name']} | {pct(r.get('coverage'))} | {pct(r.get('precision'))} | {pct(r.get('recall'))} | "
+            f"| {name} | {pct(r.get('coverage'))} | {pct(r.get('precision'))} | {pct(r.get('recall'))} | "
             f"{pct(r.get('matched_threshold_precision'))} | {gain_txt} | {plain(r.get('auroc'))} |"
         )
     return "\n".join(lines)
@@ -211,7 +224,7 @@ def write_scores(rows: list[dict], out) -> list[str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "scores.json", json.dumps(json_safe(rows), indent=1))
-    fields = ["iteration", "progress", "name", "coverage", "precision", "recall", "auroc", "matched_threshold_precision", "precision_gain", "gain_low", "gain_high"]
+    fields = ["iteration", "progress", "name", "state", "coverage", "precision", "recall", "auroc", "matched_threshold_precision", "precision_gain", "gain_low", "gain_high"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fields, extrasaction="ignore")
     writer.writeheader()
