@@ -383,10 +383,10 @@ def test_one_sweep_per_storage_and_a_dead_holder_leaves_no_lock(tmp_path):
 
 
 def test_an_unreachable_ray_address_fails_fast_and_names_it():
-    from bench.orchestration.sweeps import connect_ray
+    from bench.orchestration.cluster import ClusterError, connect_ray
 
     start = time.time()
-    with pytest.raises(SweepError, match=r"Ray cluster at --address 127.0.0.1:9 \(127.0.0.1:9\) cannot be reached"):
+    with pytest.raises(ClusterError, match=r"Ray cluster at --address 127.0.0.1:9 \(127.0.0.1:9\) cannot be reached"):
         connect_ray("127.0.0.1:9", verbose=0)
     assert time.time() - start < 15
 

@@ -71,8 +71,17 @@ def resume_run(parts: RunParts, record: RunRecord) -> tuple[int, RunRecord]:
         if previous.status == "complete" and start >= parts.config.iters:
             return start, previous
         record.started, record.wandb_id = previous.started, previous.wandb_id
+        record.restarts = previous.restarts + ([restart(previous, start)] if previous.status in ("running", "failed") else [])
     record.resumed_from = start
     return start, record
+
+
+def restart(previous: RunRecord, start: int) -> dict:
+    """What going on from the checkpoint at `start` costs: the iterations the ended attempt
+    trained past it (at least; its record is written at log steps, so up to log_every - 1
+    more may have run unseen)."""
+    cause = "died" if previous.status == "running" else "failed"  # running: it ended without a word
+    return {"cause": cause, "reached": previous.iteration, "resumed_from": start, "recomputed": max(0, previous.iteration - start)}
 
 
 class Recorder:

@@ -215,8 +215,9 @@ def cmd_leaderboard(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from bench.results.leaderboard import leaderboard
+    from bench.orchestration.cluster import ClusterError
     from bench.orchestration.sweeps import SweepError, load_sweep, run_sweep
+    from bench.results.leaderboard import leaderboard
 
     try:
         sweep = load_sweep(args.file)
@@ -224,7 +225,7 @@ def cmd_sweep(args) -> None:
             sweep, args.storage, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent,
             verbose=2 if args.verbose else 0, rerun_stale=args.rerun_stale,
         )
-    except (SweepError, OSError) as exc:  # OSError: the storage folder cannot be written
+    except (SweepError, ClusterError, OSError) as exc:  # OSError: the storage folder cannot be written
         raise SystemExit(f"error: {exc}")
     print(f"\ntrials in {outcome.trials_dir}\n")
     table_error = None

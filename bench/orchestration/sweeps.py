@@ -38,6 +38,7 @@ from bench.harness.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 from bench.results.record import RunRecord, describe_error, failure, read_record_or_none, write_record
 from bench.contract import available_selectors, check_selector
 from bench.suggest import did_you_mean
+from bench.orchestration.cluster import check_fits, check_shared_storage, connect_ray, lost_worker
 
 PROTOCOLS = ("synthetic", "classic", "blended", "u2pl", "cityscapes", "coco", "camvid", "ablation")
 
@@ -91,6 +92,9 @@ class Sweep:
     resources: Resources = field(default_factory=Resources)
     warm_start: WarmStart | None = None
     search: Search | None = None
+    # times Ray Tune starts a trial again after its process or node was lost (each time from
+    # the trial's last checkpoint); a trial that fails on its own error is never retried
+    retries: int = 3
 
     def trials(self) -> list["Trial"]:
         """Every (grid point x method) as a named trial, grid point by grid point, so that a
@@ -181,6 +185,8 @@ def load_sweep(path: str | Path) -> Sweep:
     for key in ("name", "protocol", "methods"):
         if key not in data:
             raise SweepError(f"{path}: '{key}' is required")
+    if not isinstance(data.get("retries", 0), int) or isinstance(data.get("retries"), bool) or data.get("retries", 0) < 0:
+        raise SweepError(f"{path}: retries must be a whole number >= 0 (restarts of a trial whose node or process was lost), got {data['retries']!r}")
     if data["protocol"] not in PROTOCOLS:
         raise SweepError(f"{path}: protocol '{data['protocol']}' is not one of {list(PROTOCOLS)}")
     sub = {}
@@ -200,7 +206,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"{path}: method names must be unique, got {names}")
     sweep = Sweep(
         name=data["name"], protocol=data["protocol"], description=data.get("description", ""),
-        base=dict(data.get("base") or {}), methods=methods, grid=grid, **sub,
+        base=dict(data.get("base") or {}), methods=methods, grid=grid, **sub, **({"retries": data["retries"]} if "retries" in data else {}),
     )
     sweep.base.setdefault("protocol", sweep.protocol)
     if sweep.search is not None:
@@ -351,8 +357,10 @@ class Outcome:
 
 def _trainable(params: dict, search: dict | None = None) -> None:
     """One Ray Tune trial: an ordinary training run, resumed if it has a checkpoint.
-    `search` holds the values an ASHA search sampled for this trial. Whatever fails, the
-    trial's record says so before the error reaches Ray."""
+    `search` holds the values an ASHA search sampled for this trial. A trial that fails on
+    its own error (divergence, bad config) ends here with a record saying why, and Tune
+    sees it finish: retrying would fail the same way. A lost node or process goes back to
+    Tune, which starts the trial again from its checkpoint, up to the sweep's `retries`."""
     import torch
     from ray import tune
 
@@ -373,21 +381,21 @@ def _trainable(params: dict, search: dict | None = None) -> None:
         if "val_miou" in point:  # report at evaluations: what schedulers compare
             tune.report({k: v for k, v in point.items() if isinstance(v, (int, float))} | {"iter": step})
 
-    if config.replicas > 1:  # a trial bigger than one GPU: its own Ray Train workers
-        from bench.harness.launch import train_data_parallel
-
-        try:
-            train_data_parallel(config, resume=True)
-        except BaseException as exc:
-            write_failed_record(Path(config.out), config.to_dict(), exc)
-            raise
-        return
     try:
-        trainer = Trainer(config, resume=True, show_progress=False, on_log=report)
-    except BaseException as exc:  # before the trainer could write its own record
-        write_failed_record(Path(config.out), config.to_dict(), exc)
-        raise
-    trainer.run()
+        if config.replicas > 1:  # a trial bigger than one GPU: its own Ray Train workers
+            from bench.harness.launch import train_data_parallel
+
+            train_data_parallel(config, resume=True)
+        else:
+            Trainer(config, resume=True, show_progress=False, on_log=report).run()
+    except BaseException as exc:
+        if lost_worker(exc):  # a node or process went away: Tune starts the trial again (FailureConfig)
+            raise
+        record = read_record_or_none(Path(config.out))
+        if record is None or record.status != "failed":  # the trainer records its own failures
+            write_failed_record(Path(config.out), config.to_dict(), exc)
+        if not isinstance(exc, Exception):  # an interrupt: let it through (the record says failed)
+            raise
 
 
 def write_failed_record(out: Path, config: dict, exc: BaseException | str, iteration: int | None = None) -> None:
@@ -399,62 +407,6 @@ def write_failed_record(out: Path, config: dict, exc: BaseException | str, itera
         "type": "TrialError", "message": exc, "iteration": record.iteration}
     record.status, record.error = "failed", error
     write_record(out, record)
-
-
-def connect_ray(address: str | None, verbose: int) -> None:
-    """A private local Ray unless an address is given; a given one must answer within 10 s.
-    (ray.init() without an address would join any cluster it finds in its temp folder,
-    including one whose head has died, and retry for minutes.)"""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if ray.is_initialized():
-        return
-    options = dict(include_dashboard=False, log_to_driver=verbose > 1, configure_logging=False)
-    if not address:
-        ray.init(address="local", **options)
-        return
-    host_port = _bootstrap_address(address)
-    if host_port is not None:
-        host, _, port = host_port.rpartition(":")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-        except (OSError, ValueError) as exc:
-            raise SweepError(
-                f"Ray cluster at --address {address} ({host_port}) cannot be reached: {exc}. "
-                "Start it (`ray start --head`), fix the address, or leave --address out to run on a private local Ray"
-            ) from None
-    ray.init(address=address, **options)
-
-
-def _check_fits(cpu: float, gpu: float, tag: str) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    for name, want, key in (("CPUs", cpu, "CPU"), ("GPUs", gpu, "GPU")):
-        if want > have.get(key, 0):
-            raise SweepError(
-                f"{tag} trials ask for {want:g} {name} but this machine's Ray has {have.get(key, 0):g}: lower "
-                f"{'warm_start.cpu' if tag == 'warmup' and key == 'CPU' else 'resources'} in the sweep file, or join a "
-                "cluster that has them with --address"
-            )
-
-
-def _bootstrap_address(address: str) -> str | None:
-    """host:port that --address names (`auto`: the cluster Ray last recorded on this machine)."""
-    text = address.removeprefix("ray://")
-    if address == "auto":
-        try:
-            from ray._private.services import canonicalize_bootstrap_address
-
-            found = canonicalize_bootstrap_address("auto")
-        except Exception as exc:  # ConnectionError when none is recorded
-            raise SweepError(f"--address auto: no running Ray cluster found on this machine ({exc})") from None
-        if found is None:
-            raise SweepError("--address auto: no running Ray cluster found on this machine")
-        return found
-    return text if ":" in text else None
 
 
 def run_sweep(
@@ -521,15 +473,18 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
         print(f"moved {len(stale)} stale trials to {root / 'stale' / stamp}; running them again", flush=True)
 
     outcome = Outcome(trials_dir)
+    ray_address = address or os.environ.get("RAY_ADDRESS")
+    checked = []
 
     def stage(trials: list[tuple[Trial, TrainConfig]], tag: str, cpu: float) -> None:
         todo = [(t, c) for t, c in trials if trial_state(Path(c.out)) != "complete"]
         if not todo:
             return
-        ray_address = address or os.environ.get("RAY_ADDRESS")
         connect_ray(ray_address, verbose)  # only when there is work
         if not ray_address:  # a private Ray never grows: a trial bigger than it would wait forever
-            _check_fits(cpu, sweep.resources.gpu, tag)
+            check_fits(cpu, sweep.resources.gpu, tag)
+        elif not checked:  # a cluster: every node must write where this driver reads
+            checked.append(check_shared_storage(root))
         print(f"{sweep.name} {tag}: {len(todo)} trials to run ({len(trials) - len(todo)} already complete)", flush=True)
         trainable = tune.with_resources(lambda p: _trainable(p["trial"], p.get("search")), {"cpu": cpu, "gpu": sweep.resources.gpu})
         configs = [{"config": c.to_dict(), "threads": max(1, int(cpu)), "label": t.label} for t, c in todo]
@@ -545,7 +500,7 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
                 name=f"{sweep.name}-{tag}",
                 storage_path=str(root / "ray"),
                 verbose=verbose,
-                failure_config=tune.FailureConfig(max_failures=0),  # a failure is reported, not retried away
+                failure_config=tune.FailureConfig(max_failures=sweep.retries),  # lost nodes only: own errors end the trial (_trainable)
                 callbacks=[Progress(len(todo), tag)] if verbose < 2 else [],
             ),
         ).fit()
@@ -592,8 +547,16 @@ def _progress_class():
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             record = read_record_or_none(Path(trial.config["trial"]["config"]["out"]))
+            if record is not None and record.status == "failed":  # its own error, recorded by the trial
+                self._line(trial, f"FAILED: {describe_error(record.error)}")
+                return
             miou = ((record.final if record is not None else None) or {}).get("miou")
-            self._line(trial, "done" + (f", mIoU {100 * miou:.1f}" if isinstance(miou, (int, float)) else ""))
+            lost = [r for r in (record.restarts if record is not None else []) if r["cause"] == "died"]
+            again = f" (went on {len(lost)}x from its checkpoint, {sum(r['recomputed'] for r in lost)} iterations recomputed)" if lost else ""
+            self._line(trial, "done" + (f", mIoU {100 * miou:.1f}" if isinstance(miou, (int, float)) else "") + again)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"[{self.tag}] {trial.config['trial']['label']} lost its process or node; Tune starts it again from its checkpoint", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             record = read_record_or_none(Path(trial.config["trial"]["config"]["out"]))
