@@ -80,7 +80,10 @@ def restart(previous: RunRecord, start: int) -> dict:
     """What going on from the checkpoint at `start` costs: the iterations the ended attempt
     trained past it (at least; its record is written at log steps, so up to log_every - 1
     more may have run unseen)."""
-    cause = "died" if previous.status == "running" else "failed"  # running: it ended without a word
+    if previous.status == "running":  # it ended without a word: killed, or its node went away
+        cause = "died"
+    else:  # failed: a lost data-parallel worker (the sweep marks it), or the run's own error
+        cause = "lost" if (previous.error or {}).get("lost") else "failed"
     return {"cause": cause, "reached": previous.iteration, "resumed_from": start, "recomputed": max(0, previous.iteration - start)}
 
 

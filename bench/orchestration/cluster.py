@@ -46,16 +46,21 @@ def connect_ray(address: str | None, verbose: int) -> None:
     ray.init(address=address, **options)
 
 
-def check_fits(cpu: float, gpu: float, tag: str) -> None:
+def check_fits(cpu: float, gpu: float, tag: str, replicas: int = 1, replica_gpus: bool = False) -> None:
+    """A trial that this private Ray can never hold would wait for ever: an error instead. A
+    data-parallel trial (`replicas` > 1) holds its own CPU plus one CPU (and one GPU) per
+    Ray Train worker."""
     import ray
 
     have = ray.cluster_resources()
-    for name, want, key in (("CPUs", cpu, "CPU"), ("GPUs", gpu, "GPU")):
+    workers = replicas if replicas > 1 else 0
+    for name, want, key in (("CPUs", cpu + workers, "CPU"), ("GPUs", gpu + (workers if replica_gpus else 0), "GPU")):
         if want > have.get(key, 0):
+            extra = f" ({workers} of them for its data-parallel workers, replicas={replicas})" if workers else ""
             raise ClusterError(
-                f"{tag} trials ask for {want:g} {name} but this machine's Ray has {have.get(key, 0):g}: lower "
-                f"{'warm_start.cpu' if tag == 'warmup' and key == 'CPU' else 'resources'} in the sweep file, or join a "
-                "cluster that has them with --address"
+                f"{tag} trials ask for {want:g} {name}{extra} but this machine's Ray has {have.get(key, 0):g}: lower "
+                f"{'warm_start.cpu' if tag == 'warmup' and key == 'CPU' else 'resources'}{' or replicas' if workers else ''} in the sweep file, "
+                "or join a cluster that has them with --address"
             )
 
 
@@ -79,20 +84,19 @@ STORAGE_PROBE = ".storage-check"
 
 
 def _probe_storage(folder: str, token: str) -> dict:
-    """On one node: does it see the driver's token in `folder`, and can it write there?"""
+    """On one node: does it see the token the driver wrote in `folder`, and can it write
+    beside it? (A node that does not see it has another disk there: it writes nothing.)"""
+    seen = Path(folder) / "driver"
+    if not (seen.is_file() and seen.read_text() == token):
+        return {"sees_driver": False, "written": None, "error": None}
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    seen = Path(folder) / "driver"
-    found = seen.read_text() if seen.is_file() else None
-    written = None
+    mark = Path(folder) / f"node-{ray.get_runtime_context().get_node_id()}"
     try:
-        mark = Path(folder) / f"node-{node}"
         mark.write_text(token)
-        written = str(mark)
     except OSError as exc:
-        return {"node": node, "host": socket.gethostname(), "sees_driver": found == token, "written": None, "error": str(exc)}
-    return {"node": node, "host": socket.gethostname(), "sees_driver": found == token, "written": written, "error": None}
+        return {"sees_driver": True, "written": None, "error": str(exc)}
+    return {"sees_driver": True, "written": str(mark), "error": None}
 
 
 def check_shared_storage(root: Path, timeout_s: float = 60.0) -> int:
@@ -122,10 +126,10 @@ def check_shared_storage(root: Path, timeout_s: float = 60.0) -> int:
         except Exception as exc:  # the node died or could not run the probe
             problems.append(f"{where}: the check failed ({type(exc).__name__})")
             continue
-        if seen["error"] is not None:
+        if not seen["sees_driver"]:
+            problems.append(f"{where} does not see the file the driver just wrote in {folder}: {root} there is another disk")
+        elif seen["error"] is not None:
             problems.append(f"{where} cannot write {folder}: {seen['error']}")
-        elif not seen["sees_driver"]:
-            problems.append(f"{where} does not see what the driver wrote in {folder} (its own disk, not the driver's)")
         elif not Path(seen["written"]).is_file():
             problems.append(f"{where} wrote {seen['written']}, which the driver does not see")
     for f in folder.iterdir():
@@ -141,10 +145,19 @@ def check_shared_storage(root: Path, timeout_s: float = 60.0) -> int:
 
 
 def _lost_types() -> tuple[type, ...]:
+    """Ray's errors for a process or node that went away; Ray Train's for a worker whose
+    health check failed or hung (how a data-parallel run learns one of its nodes died)."""
     from ray import exceptions
 
     names = ("RayActorError", "NodeDiedError", "WorkerCrashedError", "LocalRayletDiedError", "ObjectLostError", "OutOfMemoryError", "RaySystemError")
-    return tuple(getattr(exceptions, n) for n in names if hasattr(exceptions, n))
+    lost = [getattr(exceptions, n) for n in names if hasattr(exceptions, n)]
+    try:
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+        lost += [WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError]
+    except ImportError:  # another Ray: its Train errors still carry the actor's error in their chain
+        pass
+    return tuple(lost)
 
 
 def lost_worker(exc: BaseException) -> bool:
@@ -162,5 +175,5 @@ def lost_worker(exc: BaseException) -> bool:
             return True
         stack += [e.__cause__, e.__context__]
         stack += list(getattr(e, "worker_failures", {}).values() or [])  # Ray Train: rank -> error
-        stack += [getattr(e, "controller_failure", None)]
+        stack += [getattr(e, "controller_failure", None), getattr(e, "health_check_failure", None)]
     return False

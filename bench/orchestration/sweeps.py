@@ -390,12 +390,22 @@ def _trainable(params: dict, search: dict | None = None) -> None:
             Trainer(config, resume=True, show_progress=False, on_log=report).run()
     except BaseException as exc:
         if lost_worker(exc):  # a node or process went away: Tune starts the trial again (FailureConfig)
+            mark_lost(Path(config.out), exc)
             raise
         record = read_record_or_none(Path(config.out))
         if record is None or record.status != "failed":  # the trainer records its own failures
             write_failed_record(Path(config.out), config.to_dict(), exc)
         if not isinstance(exc, Exception):  # an interrupt: let it through (the record says failed)
             raise
+
+
+def mark_lost(out: Path, exc: BaseException) -> None:
+    """The record of a trial that lost a worker (a data-parallel peer's node died): it says
+    so (`error.lost`), in place of what the surviving workers saw (a closed connection)."""
+    record = read_record_or_none(out)
+    if record is not None and record.status != "complete":
+        record.status, record.error = "failed", {**failure(exc, record.iteration), "lost": True}
+        write_record(out, record)
 
 
 def write_failed_record(out: Path, config: dict, exc: BaseException | str, iteration: int | None = None) -> None:
@@ -482,7 +492,8 @@ def _run_locked(sweep, root: Path, resume, address, max_concurrent, verbose, rer
             return
         connect_ray(ray_address, verbose)  # only when there is work
         if not ray_address:  # a private Ray never grows: a trial bigger than it would wait forever
-            check_fits(cpu, sweep.resources.gpu, tag)
+            replicas = max(c.replicas for _, c in todo)
+            check_fits(cpu, sweep.resources.gpu, tag, replicas, any(c.device.startswith("cuda") for _, c in todo))
         elif not checked:  # a cluster: every node must write where this driver reads
             checked.append(check_shared_storage(root))
         print(f"{sweep.name} {tag}: {len(todo)} trials to run ({len(trials) - len(todo)} already complete)", flush=True)
@@ -551,7 +562,7 @@ def _progress_class():
                 self._line(trial, f"FAILED: {describe_error(record.error)}")
                 return
             miou = ((record.final if record is not None else None) or {}).get("miou")
-            lost = [r for r in (record.restarts if record is not None else []) if r["cause"] == "died"]
+            lost = [r for r in (record.restarts if record is not None else []) if r["cause"] in ("died", "lost")]
             again = f" (went on {len(lost)}x from its checkpoint, {sum(r['recomputed'] for r in lost)} iterations recomputed)" if lost else ""
             self._line(trial, "done" + (f", mIoU {100 * miou:.1f}" if isinstance(miou, (int, float)) else "") + again)
 

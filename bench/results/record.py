@@ -49,7 +49,8 @@ class RunRecord:
     updated: str | None = None
     resumed_from: int | None = None
     # each time the run went on from its checkpoint after its process ended without finishing:
-    # {cause: "died" (killed, node lost: no error) | "failed", reached, resumed_from, recomputed}
+    # {cause: "died" (killed, node lost: no error) | "lost" (a data-parallel worker's node) | "failed",
+    #  reached, resumed_from, recomputed}
     restarts: list[dict] = field(default_factory=list)
     wandb_id: str | None = None
     schema_version: int = SCHEMA_VERSION

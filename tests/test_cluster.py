@@ -1,0 +1,299 @@
+"""Sweeps on a real multi-node Ray that loses nodes (docs/cluster.md).
+
+Every test starts its own cluster on this machine with Ray's `cluster_utils`: a head and
+worker nodes, each its own raylet with its own resources, the way Ray tests itself. The
+head offers no CPUs, so trials run on the workers; removing a worker node kills its
+raylet and every process on it, as a preempted or rebooted machine would. The sweep
+driver is a separate process joined with `--address`, as on a real cluster.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # clusters of 3-4 raylets and whole sweeps: CI runs them with -m slow
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+SWEEP = """
+name: tiny
+protocol: synthetic
+base: {{backbone: test_resnet, crop: 32, batch_size: 2, iters: {iters}, eval_every: {iters}, log_every: 2, checkpoint_every: 10,
+        probe_images: 2, head_channels: 16, aspp_dilations: [1, 2], wandb_mode: disabled}}
+grid: {{seed: [0]}}
+methods:
+  - {{name: fixed, selector: fixed}}
+  - {{name: csl, selector: csl}}
+resources: {{cpu: 1}}
+{extra}"""
+TIMING = ("wall s", "selector ms/it")  # the columns a restart changes: time, not results
+
+
+def sweep_file(tmp_path: Path, iters: int = 40, extra: str = "") -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.format(iters=iters, extra=extra))
+    return path
+
+
+def sweep_command(path: Path, storage: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "bench.orchestration.cli", "sweep", str(path), "--storage", str(storage), *args]
+
+
+def leaderboard_without_timing(stdout: str) -> list[str]:
+    """The printed leaderboard's rows, less the time columns."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    keep = [i for i, name in enumerate(header) if name not in TIMING]
+    return ["|".join(c for i, c in enumerate(line.strip("|").split("|")) if i in keep) for line in lines]
+
+
+def results(trials: Path) -> dict[str, dict]:
+    """What a trial found, per trial: final mIoU, selection quality, the loss curves."""
+    out = {}
+    for rec in sorted(trials.glob("*/record.json")):
+        r = json.loads(rec.read_text())
+        curves = [{k: v for k, v in point.items() if not k.endswith("_s") and "time" not in k} for point in r["curves"]]
+        out[rec.parent.name] = {"status": r["status"], "final": r["final"], "selection": r["selection"], "curves": curves}
+    return out
+
+
+def wait_for(condition, timeout: float = 300, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+@pytest.fixture
+def cluster(request):
+    """A head with no CPUs and one-CPU worker nodes (two, or `@pytest.mark.workers(n)`): as
+    many trials run at once as there are workers, each on its own node."""
+    from ray.cluster_utils import Cluster
+
+    marker = request.node.get_closest_marker("workers")
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(marker.args[0] if marker else 2):
+        c.add_node(num_cpus=1)
+    yield c
+    c.shutdown()
+
+
+def uninterrupted(tmp_path: Path, path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The same sweep with nothing lost (a private local Ray unless `args` name a cluster):
+    what every test compares with."""
+    run = subprocess.run(sweep_command(path, tmp_path / "reference", *args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def lose_a_worker_once(cluster, folder: Path, pattern: str) -> None:
+    """Remove a worker node as soon as a checkpoint matching `pattern` exists under
+    `folder` (mid-trial), then add a fresh one, as a cluster's autoscaler would. Every
+    worker runs a trial then (one CPU each, as many trials as workers), so the removed
+    one takes a trial with it."""
+    wait_for(lambda: any(folder.glob(pattern)), what=f"a checkpoint {pattern} in {folder}")
+    cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+    cluster.add_node(num_cpus=1)
+
+
+def test_a_worker_node_lost_mid_trial_costs_a_restart_from_its_checkpoint_not_the_sweep(tmp_path, cluster):
+    """A worker node dies while both trials run: the trial on it starts again from its own
+    checkpoint on another node, the sweep completes by itself with exit 0, and prints the
+    leaderboard the uninterrupted sweep prints (CPU determinism; time columns aside). The
+    record counts the restart and the iterations recomputed."""
+    path = sweep_file(tmp_path)
+    reference = uninterrupted(tmp_path, path)
+    storage = tmp_path / "cluster"
+    driver = subprocess.Popen(sweep_command(path, storage, "--address", cluster.address), cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials = storage / "tiny" / "trials"
+    lose_a_worker_once(cluster, trials, "*/checkpoint.pt")
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-3000:]
+    assert leaderboard_without_timing(stdout) == leaderboard_without_timing(reference.stdout)
+    assert results(trials) == results(tmp_path / "reference" / "tiny" / "trials")
+    restarts = {name: json.loads((trials / name / "record.json").read_text())["restarts"] for name in ("fixed-seed=0", "csl-seed=0")}
+    [(name, [lost])] = [(n, r) for n, r in restarts.items() if r]  # one trial was on the lost node
+    assert lost["cause"] == "died" and lost["resumed_from"] in (10, 20, 30) and lost["recomputed"] == lost["reached"] - lost["resumed_from"] >= 0
+    assert f"{name} lost its process or node; Tune starts it again from its checkpoint" in stdout
+    assert re.search(rf"{re.escape(name)} done, mIoU [\d.]+ \(went on 1x from its checkpoint, \d+ iterations recomputed\)", stdout)
+
+
+@pytest.mark.workers(1)  # the one warm start runs on the one worker
+def test_a_worker_node_lost_during_the_warm_start_stage(tmp_path, cluster):
+    """The same for the warm start every trial continues from."""
+    path = sweep_file(tmp_path, iters=10, extra="warm_start: {iters: 40, seed: 0}\n")
+    reference = uninterrupted(tmp_path, path)
+    storage = tmp_path / "cluster"
+    driver = subprocess.Popen(sweep_command(path, storage, "--address", cluster.address), cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lose_a_worker_once(cluster, storage / "tiny" / "warmup", "*/checkpoint.pt")
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-3000:]
+    assert leaderboard_without_timing(stdout) == leaderboard_without_timing(reference.stdout)
+    assert results(storage / "tiny" / "warmup") == results(tmp_path / "reference" / "tiny" / "warmup")
+    assert results(storage / "tiny" / "trials") == results(tmp_path / "reference" / "tiny" / "trials")
+    [warm] = [json.loads(p.read_text()) for p in (storage / "tiny" / "warmup").glob("*/record.json")]
+    assert [r["cause"] for r in warm["restarts"]] == ["died"]
+
+
+def test_a_trial_failing_on_its_own_error_is_not_retried(tmp_path, cluster):
+    """Divergence is the trial's own doing: it ends failed at once, whatever `retries` says."""
+    path = sweep_file(tmp_path, iters=10, extra="retries: 3\n")
+    path.write_text(path.read_text().replace("{name: csl, selector: csl}", "{name: nan, selector: fixed, lr: 1.0e+12}"))
+    run = subprocess.run(sweep_command(path, tmp_path / "st", "--address", cluster.address), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    record = json.loads((tmp_path / "st" / "tiny" / "trials" / "nan-seed=0" / "record.json").read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "DivergedError" and record["restarts"] == []
+    assert "lost its process or node" not in run.stdout and "nan-seed=0 FAILED: DivergedError" in run.stdout
+
+
+def processes_on(node) -> list[str]:
+    """The command lines of the processes a node's raylet started (Ray's workers and actors)."""
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    return subprocess.run(["ps", "-o", "args=", "--ppid", str(raylet)], capture_output=True, text=True).stdout.splitlines()
+
+
+@pytest.mark.workers(0)
+def test_a_data_parallel_trial_whose_worker_node_dies_goes_on_from_its_checkpoint(tmp_path, cluster):
+    """replicas=2 on gloo: the trial (Tune's actor, one CPU) and its two Ray Train workers
+    spread over a two-CPU and a one-CPU node; the node that holds a Train worker but not
+    the trial dies mid-run. The trial starts again from its checkpoint and ends with the
+    record the uninterrupted run writes."""
+    big, small = cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=1)
+    path = sweep_file(tmp_path)
+    path.write_text(path.read_text().replace("wandb_mode: disabled}", "wandb_mode: disabled, replicas: 2}").replace("  - {name: csl, selector: csl}\n", ""))
+    reference = uninterrupted(tmp_path, path, "--address", cluster.address)  # three CPUs: more than this machine's private Ray
+    storage = tmp_path / "cluster"
+    driver = subprocess.Popen(sweep_command(path, storage, "--address", cluster.address), cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials = storage / "tiny" / "trials"
+    wait_for(lambda: any(trials.glob("*/checkpoint.pt")), what="the data-parallel trial's first checkpoint")
+    [victim] = [n for n in (big, small) if any("RayTrainWorker" in p for p in processes_on(n)) and not any("ImplicitFunc" in p for p in processes_on(n))]
+    cluster.remove_node(victim, allow_graceful=False)
+    cluster.add_node(num_cpus=2)
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-3000:]
+    [record] = [json.loads(p.read_text()) for p in trials.glob("*/record.json")]
+    assert [r["cause"] for r in record["restarts"]] == ["lost"] and record["restarts"][0]["resumed_from"] in (10, 20, 30)
+    assert results(trials) == results(tmp_path / "reference" / "tiny" / "trials")
+    assert leaderboard_without_timing(stdout) == leaderboard_without_timing(reference.stdout)
+
+
+KEEPER = """
+import sys, time
+from ray.cluster_utils import Cluster
+c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+for _ in range(2):
+    c.add_node(num_cpus=1)
+print(c.address, flush=True)
+time.sleep(3600)
+"""
+
+
+def start_cluster_elsewhere() -> tuple[subprocess.Popen, str]:
+    """A head and two workers owned by another process (its own process group), so that the
+    test can kill the whole cluster at once, head included."""
+    keeper = subprocess.Popen([sys.executable, "-c", KEEPER], env=ENV, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return keeper, keeper.stdout.readline().strip()
+
+
+def complete(trials: Path) -> dict[str, tuple]:
+    out = {}
+    for rec in trials.glob("*/record.json"):
+        r = json.loads(rec.read_text())
+        if r["status"] == "complete":
+            out[rec.parent.name] = (r["updated"], rec.stat().st_mtime_ns)
+    return out
+
+
+def test_the_head_and_driver_lost_mid_sweep_then_resume_on_a_new_cluster(tmp_path):
+    """kill -9 of the driver and of the whole cluster (head, workers, their trials) while
+    trials run; a new cluster and `--resume` with the same storage then finish the sweep:
+    the trials complete before the loss are kept as they were, the others go on from their
+    checkpoints, and the leaderboard is the uninterrupted sweep's."""
+    path = sweep_file(tmp_path, extra="")
+    path.write_text(path.read_text().replace("seed: [0]", "seed: [0, 1]"))
+    reference = uninterrupted(tmp_path, path)
+    storage = tmp_path / "cluster"
+    trials = storage / "tiny" / "trials"
+    keeper, address = start_cluster_elsewhere()
+    driver = subprocess.Popen(sweep_command(path, storage, "--address", address), cwd=REPO, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: len(complete(trials)) >= 1 and len(list(trials.glob("*/checkpoint.pt"))) > len(complete(trials)),
+             what="one trial complete and another mid-run")
+    os.killpg(driver.pid, signal.SIGKILL)
+    os.killpg(keeper.pid, signal.SIGKILL)  # the head, the workers and every trial on them
+    driver.wait()
+    keeper.wait()
+    before = complete(trials)
+    assert 1 <= len(before) < 4, before
+
+    keeper, address = start_cluster_elsewhere()
+    try:
+        resumed = subprocess.run(sweep_command(path, storage, "--address", address, "--resume"), cwd=REPO, env=ENV,
+                                 capture_output=True, text=True, timeout=600)
+    finally:
+        os.killpg(keeper.pid, signal.SIGKILL)
+        keeper.wait()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = complete(trials)
+    assert len(after) == 4 and all(after[name] == stamp for name, stamp in before.items())  # kept, not rerun
+    assert results(trials) == results(tmp_path / "reference" / "tiny" / "trials")
+    assert leaderboard_without_timing(resumed.stdout) == leaderboard_without_timing(reference.stdout)
+    went_on = [json.loads((trials / n / "record.json").read_text())["restarts"] for n in after if n not in before]
+    assert any(r and r[0]["cause"] == "died" and r[0]["resumed_from"] > 0 for r in went_on)  # from a checkpoint, not from zero
+
+
+def can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.workers(1)
+@pytest.mark.skipif(not can_unshare(), reason="needs unprivileged user and mount namespaces (unshare -rm) to give a node its own disk")
+def test_a_node_that_does_not_share_the_storage_stops_the_sweep_before_anything_runs(tmp_path, cluster):
+    """A worker node whose storage path is its own disk (a tmpfs mounted over it in the
+    node's own mount namespace: a cluster without a shared filesystem). The sweep stops at
+    once, naming the node and the fix, and no trial has run anywhere."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    node = subprocess.Popen(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs none {storage} && exec {ray_cli} start --address={cluster.address} --num-cpus=1 --block"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        import ray
+
+        ray.init(address=cluster.address)
+        try:
+            wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 3, timeout=60, what="the node with its own disk to join")
+            local_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in {w.node_id for w in cluster.list_all_nodes()})
+        finally:
+            ray.shutdown()
+        run = subprocess.run(sweep_command(sweep_file(tmp_path), storage, "--address", cluster.address), cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait()
+    assert run.returncode != 0
+    assert f"the storage folder {storage / 'tiny'} is not shared by every node of the Ray cluster" in run.stderr
+    assert f"node {local_id[:8]} at " in run.stderr and "another disk" in run.stderr
+    assert "filesystem every node mounts at the same path" in run.stderr
+    assert sum(1 for line in run.stderr.splitlines() if line.strip().startswith("node ")) == 1  # the shared worker and the head pass
+    assert not list((storage / "tiny").glob("trials/*/record.json"))  # nothing ran
