@@ -297,3 +297,48 @@ def test_a_node_that_does_not_share_the_storage_stops_the_sweep_before_anything_
     assert "filesystem every node mounts at the same path" in run.stderr
     assert sum(1 for line in run.stderr.splitlines() if line.strip().startswith("node ")) == 1  # the shared worker and the head pass
     assert not list((storage / "tiny").glob("trials/*/record.json"))  # nothing ran
+
+
+def doc_commands() -> list[str]:
+    text = (REPO / "docs" / "cluster.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_the_cluster_commands_of_the_docs_run_as_written(tmp_path):
+    """docs/cluster.md's commands, in order, on this machine: the head, a worker node, the
+    sweep, the sweep again with --resume, ray stop. Substituted: the head's address and a
+    free port, the worker's size (one CPU, no GPU), a tiny sweep and a temporary storage."""
+    import socket
+
+    from ray._private.services import get_node_ip_address
+
+    commands = doc_commands()
+    assert [c.split()[:2] for c in commands] == [
+        ["export", "RAY_AUTH_MODE=token"], ["ray", "start"], ["ray", "start"], ["cslbench", "sweep"], ["cslbench", "sweep"], ["ray", "stop"]]
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    path, storage = sweep_file(tmp_path), tmp_path / "shared"
+    bin_dir = Path(sys.executable).parent
+    swaps = {"<head-ip>": get_node_ip_address(), "6379": str(port), "--num-cpus=8 --num-gpus=1": "--num-cpus=2 --num-gpus=0",
+             "sweeps/camvid.yaml": str(path), "/shared/cslbench": str(storage)}
+    outputs, env = [], dict(ENV)
+    try:
+        for command in commands:
+            for old, new in swaps.items():
+                command = command.replace(old, new)
+            if command.startswith("export "):
+                key, _, value = command.removeprefix("export ").partition("=")
+                env[key] = value
+                continue
+            program, *args = command.split()
+            run = subprocess.run([str(bin_dir / program), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, f"{command}\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
+            outputs.append(run.stdout)
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    sweep, resumed = outputs[2], outputs[3]
+    assert "tiny main: 2 trials to run" in sweep and "| csl |" in sweep
+    assert "| csl |" in resumed and "trials to run" not in resumed  # nothing left to run
+    assert len(list((storage / "tiny" / "trials").glob("*/record.json"))) == 2
