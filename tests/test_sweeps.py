@@ -514,3 +514,42 @@ def test_search_is_refused_without_resume_and_restored_with_it(tmp_path):
     resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r.stat().st_mtime_ns for r in sorted((tmp_path / "st" / "tiny" / "search").glob("*/record.json"))] == stamps
+
+
+def test_lost_workers_are_told_from_a_trials_own_errors():
+    """What Tune retries: Ray's errors for a process or node that went away, also inside a
+    Ray Train worker group's failures or an exception's chain; never the run's own error."""
+    from ray.exceptions import ActorDiedError, NodeDiedError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from bench.harness.failures import DivergedError
+    from bench.orchestration.cluster import lost_worker
+
+    peer_died = WorkerGroupError("rank 1 died", {0: RuntimeError("gloo: Connection closed by peer"), 1: WorkerHealthCheckFailedError("health check", ActorDiedError())})
+    assert lost_worker(peer_died)
+    assert lost_worker(NodeDiedError("node 1 lost"))
+    try:
+        try:
+            raise ActorDiedError()
+        except ActorDiedError as inner:
+            raise RuntimeError("the step could not go on") from inner
+    except RuntimeError as chained:
+        assert lost_worker(chained)
+    assert not lost_worker(DivergedError("loss is NaN", 3))
+    assert not lost_worker(WorkerGroupError("rank 0 diverged", {0: DivergedError("NaN", 3), 1: RuntimeError("gloo: Connection closed by peer")}))
+    assert not lost_worker(KeyboardInterrupt())
+
+
+def test_a_data_parallel_trial_bigger_than_the_private_ray_is_an_error(monkeypatch):
+    """A trial's own CPU plus one per Ray Train worker: on a private Ray that can never
+    hold them the trial would wait for ever."""
+    import ray
+
+    from bench.orchestration.cluster import ClusterError, check_fits
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    check_fits(1, 0, "main")  # fits
+    check_fits(1, 0, "main", replicas=1)
+    with pytest.raises(ClusterError, match=r"main trials ask for 3 CPUs \(2 of them for its data-parallel workers, replicas=2\) but this machine's Ray has 2: lower resources or replicas"):
+        check_fits(1, 0, "main", replicas=2)
