@@ -1,5 +1,5 @@
-"""Selector kernel speed (pytest-benchmark), reported as ratios to a bare one-read
-threshold timed in the same run on the same tensors.
+"""Selector kernel speed (pytest-benchmark), reported as ratios to the bare threshold
+`(probs.amax(1) >= 0.95) & valid` timed in the same run on the same tensors.
 
     pytest benchmarks/ --benchmark-group-by=param:shape        # CPU, 2 threads
     CSLBENCH_THREADS=8 pytest benchmarks/ -k csl               # other thread counts

@@ -28,6 +28,19 @@ batches' pixel labels (context `labeled_target`, kept in the state dict; uniform
 is seen). The label is argmax Pbar wherever a pixel is kept (Pbar_c > 0.5 forces it).
 t_0.975(nu) uses Hill's approximation (CACM algorithm 396), within 1e-5 of the exact
 quantile from nu = 3, which passes >= 4 guarantees (nu >= M - 1).
+
+Precision and cost (docs/kernels.md): Pbar, v, the transport kernel, the Sinkhorn scalings
+and the plan are float32; the t-test (per pixel) and the marginals stay float64. In float64
+they cost 60x the bare threshold per pass at 16x21x256x256 (10 passes, one Sinkhorn
+iteration; the softmax moments alone 34x), over issue 21's 10x. Float32 keeps 7 significant
+digits of probabilities that decisions compare with 0.5 and with each other, and of a plan
+that only ranks points: the selection differs from the float64 one only where two plan
+entries, or a t statistic and its critical value, agree to float32 rounding (2 pixels of 1M
+in 4 of 84 comparisons; the float64 numpy reference tests pass unchanged). On large CPU
+batches the moments come from bench/contract/pass_moments.py (nothing of size M x batch
+written) and the t-test, the transport kernel and the plan's argmax are compiled passes,
+whose exp, pow and sqrt are inductor's: there the compiled and the eager path can differ
+in the last bit, and a point at a decision's rounding edge go either way.
 """
 
 from __future__ import annotations
@@ -38,6 +51,8 @@ from statistics import NormalDist
 import torch
 
 from bench.contract import Selector, hard_selection
+from bench.contract.compiled import maybe_compiled
+from bench.contract.pass_moments import softmax_moments
 
 ROUNDS = 5
 POOLS = ("batch", "image")
@@ -59,15 +74,18 @@ def cumulative_rho(progress: float, rounds: int = ROUNDS) -> float:
 
 def t_quantile(two_tail: float, nu):
     """Student-t quantile t with P(|T| > t) = two_tail, for real nu > 2 (Hill 1970, alg. 396)."""
-    nu = nu.double()
     P = float(two_tail)  # a Python number: no host-to-device copy on the training path
+    return _hill(nu.double(), P, NormalDist().inv_cdf(0.5 * P))
+
+
+def _hill(nu, P: float, x: float):
+    """`t_quantile` given the normal quantile x at P / 2 (a number: compiled code keeps it)."""
     a = 1 / (nu - 0.5)
     b = 48 / a**2
     c = ((20700 * a / b - 98) * a - 16) * a + 96.36
     d = ((94.5 / (b + c) - 3) / b + 1) * torch.sqrt(a * math.pi / 2) * nu
     y = (d * P) ** (2 / nu)
     near = ((1 / (((nu + 6) / (nu * y) - 0.089 * d - 0.822) * (nu + 2) * 3) + 0.5 / (nu + 4)) * y - 1) * (nu + 1) / (nu + 2) + 1 / y
-    x = NormalDist().inv_cdf(0.5 * P)
     c_tail = torch.where(nu < 5, c + 0.3 * (nu - 4.5) * (x + 0.6), c)
     c_tail = (((0.05 * d * x - 5) * x - 7) * x - 2) * x + b + c_tail
     z = (((((0.4 * x**2 + 6.3) * x**2 + 36) * x**2 + 94.5) / c_tail - x**2 - 3) / b + 1) * x
@@ -75,23 +93,38 @@ def t_quantile(two_tail: float, nu):
     return torch.sqrt(nu * torch.where(y > 0.05 + a, tail, near))
 
 
-def member_moments(mc_logits):
-    """Mean and variance (dividing by M) over the M passes of their softmax, in float64,
-    one pass at a time (never M float64 copies of the batch)."""
-    M = mc_logits.shape[0]
-    mean = sum(z.double().softmax(dim=1) for z in mc_logits) / M
-    var = sum((z.double().softmax(dim=1) - mean).square() for z in mc_logits) / M
-    return mean, var
+TWO_TAIL = 0.05  # the t-test's level: t > t_0.975(nu)
+_NORMAL_AT_HALF = NormalDist().inv_cdf(0.5 * TWO_TAIL)
 
 
-def welch_confident(mean, var, M):
-    """(B,H,W) bool: the top-two t-test passes, from the members' mean and variance (B,K,H,W)."""
-    top, which = mean.topk(2, dim=1)
-    va, vb = var.gather(1, which).unbind(1)
-    t = (top[:, 0] - top[:, 1]) / torch.sqrt((0.1 + va + vb) / M)
+@maybe_compiled
+def welch_confident(mean, var, valid, M: int):
+    """((B, H, W) points: valid and the top-two t-test passes, (B, H, W) label = a), from the
+    members' mean and variance (B, K, H, W) float32, in one sweep over the classes: a and b
+    are the largest and second-largest Pbar, the first class among equals (as a stable sort
+    by -Pbar), carried with their variances. The test's arithmetic runs in float64."""
+    top, top_var = mean[:, 0], var[:, 0]
+    label = torch.zeros_like(top, dtype=torch.long)
+    second, second_var = torch.full_like(top, -math.inf), torch.zeros_like(top_var)
+    for c in range(1, mean.shape[1]):
+        x, x_var = mean[:, c], var[:, c]
+        above, between = x > top, x > second  # strictly: an equal later class does not displace
+        second_var = torch.where(above, top_var, torch.where(between, x_var, second_var))
+        second = torch.where(above, top, torch.where(between, x, second))
+        top_var, top, label = torch.where(above, x_var, top_var), torch.where(above, x, top), torch.where(above, c, label)
+    pa, pb, va, vb = top.double(), second.double(), top_var.double(), second_var.double()
+    t = (pa - pb) / torch.sqrt((0.1 + va + vb) / M)
     nu = (va + vb).square() / ((va.square() + vb.square()) / (M - 1))
-    critical = t_quantile(0.05, nu.clamp(min=M - 1.0).nan_to_num(M - 1.0))
-    return (t - critical > 0) & ~torch.isnan(nu)
+    critical = _hill(nu.clamp(min=M - 1.0).nan_to_num(M - 1.0), TWO_TAIL, _NORMAL_AT_HALF)
+    return (t - critical > 0) & ~torch.isnan(nu) & valid, label
+
+
+@maybe_compiled
+def first_argmax(mean):
+    """(B, H, W): the first class of the largest Pbar."""
+    K = mean.shape[1]
+    k = torch.arange(K, device=mean.device).view(1, K, 1, 1)
+    return torch.where(mean == mean.amax(dim=1, keepdim=True), k, K).amin(dim=1)
 
 
 def smoothed_prior(counts, num_classes):
@@ -103,46 +136,77 @@ def smoothed_prior(counts, num_classes):
     return torch.where(skewed, smooth / smooth.sum(), w)
 
 
-def sinkhorn_plan_factors(mean, points, rho, prior, iters):
-    """Scalings of the augmented transport problem, per pool: (u (P,N), v (P,K), G (P,N,K)).
+def per_image(per_pool, images):
+    """A pool's values repeated for each of its images (pools of images // P images)."""
+    return per_pool.repeat_interleave(images // per_pool.shape[0], dim=0, output_size=images)
 
-    mean (P,N,K) float64, points (P,N) bool. Dummy point and dummy class enter as
-    their marginals and unit kernel entries; a pool without points gets u = 0."""
-    P_, N, K = mean.shape
-    n_points = points.sum(1).double()  # N'
-    per_class = n_points / K
-    eps = torch.where(per_class >= 200, 0.5, torch.where(per_class >= 100, 0.2, torch.where(per_class >= 50, 0.1, 0.05)))
-    G = torch.exp(-(1.0 - mean) / eps[:, None, None]) * points[..., None]
-    r = points.double()
-    r_dummy = 0.2 * rho * n_points
-    c = 1.1 * rho * n_points[:, None] * prior[None]
-    c_dummy = n_points * (1 - 0.9 * rho)
-    u, u_dummy = r.clone(), torch.ones_like(n_points)
-    tiny = 1e-300
+
+@maybe_compiled
+def transport_kernel(mean, points, eps):
+    """(B, K, H * W) float32 exp(-(1 - Pbar) / eps) at the points, 0 elsewhere: the transport
+    kernel, in the layout of Pbar (a pool is one image or all of them); eps (B,) per image,
+    its pool's."""
+    B, K = mean.shape[:2]
+    return torch.exp(-(1.0 - mean.reshape(B, K, -1)) / eps[:, None, None]) * points.reshape(B, 1, -1)
+
+
+def sinkhorn_scalings(G, points, pools, rho, prior, iters):
+    """Scalings of the augmented transport problem: (u (B, N), v (P, K)), float32, per point
+    and per pool (P pools of B // P images each).
+
+    G (B, K, N) from `transport_kernel`, points (B, N) bool. Dummy point and dummy class
+    enter as their marginals and unit kernel entries; a pool without points gets u = 0."""
+    B = G.shape[0]
+    n_points = points.reshape(pools, -1).sum(1).double()  # N' per pool
+    r = points.float()
+    r_dummy = (0.2 * rho * n_points).float()
+    c = (1.1 * rho * n_points[:, None] * prior[None]).float()
+    c_dummy = (n_points * (1 - 0.9 * rho)).float()
+    u, u_dummy = r.clone(), torch.ones_like(r_dummy)
+    tiny = torch.finfo(torch.float32).tiny
     for _ in range(iters):  # iterations, not pixels: each is two batched mat-vecs
-        v = c / (torch.einsum("pn,pnk->pk", u, G) + u_dummy[:, None]).clamp(min=tiny)
-        v_dummy = c_dummy / (u.sum(1) + u_dummy).clamp(min=tiny)
-        u = r / (torch.einsum("pnk,pk->pn", G, v) + v_dummy[:, None]).clamp(min=tiny)
+        column = torch.bmm(G, u[:, :, None]).reshape(pools, B // pools, -1).sum(1)  # sum_n G u per pool and class
+        v = c / (column + u_dummy[:, None]).clamp(min=tiny)
+        v_dummy = c_dummy / (u.reshape(pools, -1).sum(1) + u_dummy).clamp(min=tiny)
+        row = torch.bmm(per_image(v, B)[:, None, :], G).squeeze(1)  # sum_k v G per point
+        u = r / (row + per_image(v_dummy, B)[:, None]).clamp(min=tiny)
         u_dummy = r_dummy / (v.sum(1) + v_dummy).clamp(min=tiny)
-    return u, v, G
+    return u, v
+
+
+@maybe_compiled
+def plan_choice(G, u, v, mean, points):
+    """Per point (B, N): the class of the largest plan entry u G v over the real classes (the
+    first among equals), that entry, and whether the point is a candidate (a point whose
+    Pbar of that class is above 0.5). v (B, K): the image's pool's."""
+    B, K, N = G.shape
+    plan = u[:, None, :] * G * v[:, :, None]
+    k = torch.arange(K, device=G.device).view(1, K, 1)
+    best = plan.amax(dim=1, keepdim=True)
+    row_class = torch.where(plan == best, k, K).amin(dim=1, keepdim=True)
+    chosen = torch.where(k == row_class, mean.reshape(B, K, N), 0.0).sum(dim=1)  # one term is not 0
+    return row_class.squeeze(1), best.squeeze(1), points & (chosen > 0.5)
 
 
 def capped_assignment(plan_row_class, score, candidate, cap):
     """(P,N) bool: per pool and class, the `cap[p, c]` candidates of class c with the
-    largest score (two stable sorts: by score, then by class; no per-class loop)."""
-    P_, N = score.shape
+    largest score, the first among equal scores. One stable sort of (pool, class, score
+    descending) as int64 keys (the order of two stable sorts, by score and then by class),
+    then each point's rank in its group against the group's cap."""
+    P, N = score.shape
     K = cap.shape[1]
-    cls = plan_row_class.masked_fill(~candidate, K)
-    by_score = torch.sort(score.masked_fill(~candidate, -math.inf), dim=1, descending=True, stable=True).indices
-    by_class = torch.sort(cls.gather(1, by_score), dim=1, stable=True).indices
-    order = by_score.gather(1, by_class)
-    sorted_cls = cls.gather(1, order)
-    counts = torch.zeros(P_, K + 1, dtype=torch.long, device=score.device).scatter_add_(1, cls, torch.ones_like(cls))
-    start = torch.cumsum(counts, 1) - counts
-    rank = torch.arange(N, device=score.device)[None] - start.gather(1, sorted_cls)
-    cap_ext = torch.cat([cap, torch.zeros(P_, 1, dtype=cap.dtype, device=cap.device)], 1)
-    keep_sorted = (sorted_cls < K) & (rank < cap_ext.gather(1, sorted_cls))
-    return torch.zeros_like(candidate).scatter(1, order, keep_sorted)
+    pool = torch.arange(P, device=score.device)[:, None] * (K + 1)
+    group = torch.where(candidate, plan_row_class, K).add_(pool).flatten()  # class K: not a candidate
+    bits = (score.float() + 0.0).view(torch.int32).long()  # + 0.0: no -0 (it would sort below +0)
+    descending = 0x7FFFFFFF - (bits ^ ((bits >> 31) & 0x7FFFFFFF))  # ordered float keys, reversed, >= 0
+    order = torch.sort(group.bitwise_left_shift(32).bitwise_or_(descending.flatten()), stable=True).indices
+    ones = torch.ones((), dtype=torch.long, device=score.device).expand(P * N)
+    counts = torch.zeros(P * (K + 1), dtype=torch.long, device=score.device).index_add_(0, group, ones)
+    sorted_group = group.index_select(0, order)
+    first = (counts.cumsum(0) - counts).index_select(0, sorted_group)  # where each group starts in the order
+    cap_ext = torch.cat([cap, torch.zeros(P, 1, dtype=cap.dtype, device=cap.device)], 1).flatten()  # group K: none kept
+    keep_sorted = torch.arange(P * N, device=score.device).sub_(first) < cap_ext.index_select(0, sorted_group)
+    return torch.zeros_like(keep_sorted).scatter_(0, order, keep_sorted).view(P, N)
 
 
 class ConfidentSinkhorn(Selector):
@@ -200,25 +264,27 @@ class ConfidentSinkhorn(Selector):
                 raise self._error(f"mc_logits must have shape (T, B, K, H, W) with (B, K, H, W) = {expected}, got {tuple(mc_logits.shape)}")
             if mc_logits.shape[0] < 4:
                 raise self._error(f"mc_logits needs T >= 4 passes, got T={mc_logits.shape[0]}")
-            self._check(~torch.isfinite(mc_logits).all(), "mc_logits contains NaN or Inf", diverged=True)
-            mean, var = member_moments(mc_logits)
-            points = welch_confident(mean, var, mc_logits.shape[0]) & valid
+            M = mc_logits.shape[0]
+            [(mean, var)], nonfinite = softmax_moments(mc_logits.float())  # the variance divides by M
+            self._check(nonfinite, "mc_logits contains NaN or Inf", diverged=True)
+            points, label = welch_confident.for_input(mean)(mean, var, valid, M)
         else:
-            mean, points = probs.double(), valid
+            mean, points, label = probs, valid, first_argmax.for_input(probs)(probs)
         rho = self.share(float(progress))
         prior = self.prior(probs.device)
         pools = 1 if self.pool == "batch" else B
-        flat = mean.permute(0, 2, 3, 1).reshape(pools, -1, K)  # (P, N, K)
-        pts = points.reshape(pools, -1)
-        u, v, G = sinkhorn_plan_factors(flat, pts, rho, prior, self.sinkhorn_iters)
-        plan = u[..., None] * G * v[:, None, :]
-        row_class = plan.argmax(dim=2)
-        score = plan.gather(2, row_class[..., None]).squeeze(2)
-        candidate = pts & (flat.gather(2, row_class[..., None]).squeeze(2) > 0.5)
+        pts = points.reshape(B, -1)
+        n_points = pts.reshape(pools, -1).sum(1).double()  # N'
+        per_class = n_points / K
+        eps = torch.where(per_class >= 200, 0.5, torch.where(per_class >= 100, 0.2, torch.where(per_class >= 50, 0.1, 0.05)))
+        G = transport_kernel.for_input(mean)(mean, points, per_image(eps, B).float())
+        u, v = sinkhorn_scalings(G, pts, pools, rho, prior, self.sinkhorn_iters)
+        row_class, score, candidate = plan_choice.for_input(mean)(G, u, per_image(v, B), mean, pts)
         n_pool = valid.reshape(pools, -1).sum(1).double()
         cap = torch.ceil(rho * prior[None] * n_pool[:, None]).long()
-        kept = capped_assignment(row_class, score, candidate, cap).reshape(B, H, W)
-        return hard_selection(mean.argmax(dim=1), kept, valid)
+        shape = (pools, -1)
+        kept = capped_assignment(row_class.reshape(shape), score.reshape(shape), candidate.reshape(shape), cap).reshape(B, H, W)
+        return hard_selection(label, kept, valid)
 
     def state_dict(self):
         return {"label_counts": self.label_counts.detach().cpu().clone()}

@@ -24,11 +24,12 @@ this method and is not shipped.
 
 Cost (docs/kernels.md): one sweep over the class slices computes the margin (or
 confidence) of P and of q with a running top-2, never the (N, B, K, H, W) neighbour stack
-or a sort over K; large CPU batches compile that sweep into one pass. The percentile is a
-radix select on the float32 bits plus torch's own rank and lerp steps, the number
-torch.nanquantile gives, without sorting the batch. The selection is bit for bit that of
-the whole-tensor formulas (tests/test_selectors_2024.py); entropy keeps them (its sum over
-K is order-sensitive).
+or a sort over K; large CPU batches compile that sweep into one pass over the pixels off
+the border, which reads the probabilities in place (no padded copy), and run the border
+through the whole-tensor formulas. The percentile is bench/contract/quantile.py's radix
+select, the number torch.nanquantile gives without sorting the batch. The selection is bit
+for bit that of the whole-tensor formulas (tests/test_selectors_2024.py); entropy keeps
+them (its sum over K is order-sensitive).
 """
 
 from __future__ import annotations
@@ -40,16 +41,22 @@ import torch.nn.functional as F
 
 from bench.contract import Selector, hard_selection
 from bench.contract.compiled import maybe_compiled
+from bench.contract.quantile import first_digits as _first_digits, next_digits as _next_digits, valid_quantile  # noqa: F401 (the compiled digit passes, which the tests check)
 
 BETA = math.exp(-0.5)
 INDICATORS = ("margin", "confidence", "entropy")
 _OFFSETS = {4: ((-1, 0), (1, 0), (0, -1), (0, 1)), 8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))}
 
 
+@maybe_compiled
+def padded_masked(probs, valid):
+    """(B, K, H + 2, W + 2): the probabilities with 0 at invalid pixels and around the image."""
+    return F.pad(probs.masked_fill(~valid[:, None], 0.0), (1, 1, 1, 1))
+
+
 def neighbour_values(probs, valid, connectivity):
     """(N, B, K, H, W): each neighbour's probabilities at every pixel, 0 off-image or invalid."""
-    p = probs.masked_fill(~valid[:, None], 0.0)
-    padded = F.pad(p, (1, 1, 1, 1))
+    padded = padded_masked(probs, valid)
     H, W = probs.shape[-2:]
     return torch.stack([padded[..., 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] for dy, dx in _OFFSETS[connectivity]])
 
@@ -57,8 +64,7 @@ def neighbour_values(probs, valid, connectivity):
 def neighbour_max(probs, valid, connectivity):
     """(B, K, H, W): `neighbour_values(...).amax(0)` as a running maximum over shifted views
     of the padded map, without the (N, B, K, H, W) stack (a max is exact in any order)."""
-    p = probs.masked_fill(~valid[:, None], 0.0)
-    padded = F.pad(p, (1, 1, 1, 1))
+    padded = padded_masked(probs, valid)
     H, W = probs.shape[-2:]
     views = [padded[..., 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] for dy, dx in _OFFSETS[connectivity]]
     out = torch.maximum(views[0], views[1])
@@ -70,133 +76,69 @@ def neighbour_max(probs, valid, connectivity):
 def indicator(q, kind):
     if kind == "confidence":
         return q.amax(dim=1)
-    if kind == "margin":
-        top2 = q.topk(2, dim=1).values
-        return top2[:, 0] - top2[:, 1]
+    if kind == "margin":  # top-1 minus top-2, as topk(2) gives them (a tie at the top: 0), without topk's sort
+        top = q.amax(dim=1, keepdim=True)
+        at_top = q == top
+        second = torch.where(at_top.sum(dim=1) > 1, top.squeeze(1), torch.where(at_top, -math.inf, q).amax(dim=1))
+        return top.squeeze(1) - second
     return -(q * torch.log(q + 1e-10)).sum(dim=1)
 
 
-# The radix select reads the 32 bits of a float32 key in three digits, from the top: 11, 11
-# and 10 bits (histograms of 2048 counts: small, and read without threads).
-_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, width)
-
-
-def _ordered_keys(bits):
-    """int32 keys of float32 values, given as their int32 bits, whose signed integer order
-    is the values' order (NaN aside; -0 sorts just below +0, equal values either way)."""
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
 @maybe_compiled
-def _first_digits(bits, valid):
-    """(keys, member, slots, count) of float32 values given as their int32 `bits` (a view,
-    taken outside: a bitcast inside the compiled graph is not vectorised): their flat
-    `_ordered_keys`, which count (valid, not NaN), the top digit of each key as a histogram
-    slot (biased to 0..2047: the keys are signed; 2048 for the rest) and how many count."""
-    flat = bits.flatten()
-    member = valid.flatten() & ((flat & 0x7FFFFFFF) <= 0x7F800000)  # NaN: exponent all ones, mantissa not 0
-    keys = _ordered_keys(flat)
-    shift, width = _DIGITS[0]
-    return keys, member, torch.where(member, ((keys >> shift) + (1 << (width - 1))).long(), 1 << width), member.sum()
+def pair_codes(target, num_classes: int):
+    """(B, H, W) int64 per pixel: class * 25 + valid neighbours * 5 + same-class neighbours
+    (4-connected, in the image), class K for a label outside 0..K-1 (not counted). Counted
+    in int32 (inductor's int64 arithmetic is several times slower)."""
+    K = num_classes
+    ok = (target >= 0) & (target < K)
+    slot = torch.where(ok, target, K).int()  # in range before narrowing: values that would wrap are not ok
+    H, W = target.shape[-2:]
+    ok_padded = F.pad(ok.int(), (1, 1, 1, 1))  # off the image: not valid
+    slot_padded = F.pad(slot, (1, 1, 1, 1), value=K)
+    near = same = torch.zeros_like(slot)
+    for dy, dx in _OFFSETS[4]:
+        near = near + ok_padded[:, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
+        same = same + (slot_padded[:, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] == slot).int()  # equal to a valid centre: valid
+    return (slot * 25 + near * 5 + same).long()
 
 
-@maybe_compiled
-def _next_digits(keys, member, prefix, shift: int, width: int):
-    """Histogram slots of the digit at `shift` for the members whose higher bits are
-    prefix[0] (row 0) or else prefix[1] (row 1): 0 .. 2 * 2**width - 1; the rest 2 * 2**width."""
-    size = 1 << width
-    digit = ((keys >> shift) & (size - 1)).long()
-    high = (keys >> (shift + width)).long()
-    return torch.where(member & (high == prefix[0]), digit, torch.where(member & (high == prefix[1]), digit + size, 2 * size))
-
-
-def _bucket_of(cum, rank):
-    """Per row of cumulative counts (R, S) and 0-based ranks (R,): the bucket that holds each
-    rank and the rank inside it. Past every count (no members) it gives the last bucket."""
-    bucket = torch.searchsorted(cum, rank[..., None], right=True).squeeze(-1).clamp(max=cum.shape[-1] - 1)
-    before = torch.where(bucket > 0, cum.gather(-1, (bucket - 1).clamp(min=0)[..., None]).squeeze(-1), 0)
-    return bucket, rank - before
-
-
-def valid_quantile(values, valid, fraction, like=None):
-    """`torch.nanquantile(values.double().masked_fill(~valid, nan).flatten(), fraction)` for
-    float32 `values`, bit for bit, without sorting them: torch's rank, rank = fraction *
-    (n - 1) in float64 (n the valid non-NaN values; a negative rank, n = 0, is 0), the order
-    statistics at floor(rank) and ceil(rank) found by a radix select on the float32 bits
-    (per digit, from the top, a histogram of the members that share the higher digits of
-    each rank's statistic; float32 to float64 is exact, so they are the numbers
-    nanquantile's sort finds), and torch's own `lerp` with weight rank - floor(rank). No
-    valid value gives NaN, as there. Device-side only: no host read, no data-dependent
-    shape. The digit passes are compiled when `like` (default `values`) is large enough."""
-    if values.dtype != torch.float32:  # the keys are float32 bits
-        return torch.nanquantile(values.double().masked_fill(~valid, math.nan).flatten(), fraction)
-    like = values if like is None else like
-    keys, member, slot, count = _first_digits.for_input(like)(values.view(torch.int32), valid)
-    count = count.reshape(1)
-    rank = (count - 1).double() * fraction  # as nanquantile: q * (n - 1), negative ranks 0
-    rank = rank.masked_fill(rank < 0, 0.0)
-    below = rank.long()
-    weight = rank - below
-    ranks = torch.cat([below, rank.ceil().long()])  # (2,): floor and ceil
-    size = 1 << _DIGITS[0][1]
-    hist = torch.zeros(size + 1, dtype=torch.long, device=keys.device).scatter_add_(0, slot, torch.ones_like(slot))
-    bucket, ranks = _bucket_of(hist[:size].cumsum(0).expand(2, size).contiguous(), ranks)
-    prefix = bucket - size // 2  # the signed top digit of each statistic
-    for shift, width in _DIGITS[1:]:
-        size = 1 << width
-        slot = _next_digits.for_input(like)(keys, member, prefix, shift, width)
-        hist = torch.zeros(2 * size + 1, dtype=torch.long, device=keys.device).scatter_add_(0, slot, torch.ones_like(slot))
-        rows = torch.stack([torch.zeros_like(prefix[0]), (prefix[1] != prefix[0]).long()])  # one prefix: both in row 0
-        bucket, ranks = _bucket_of(hist[: 2 * size].view(2, size).cumsum(1).index_select(0, rows), ranks)
-        prefix = (prefix << width) | bucket
-    key = prefix.int()
-    found = (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32).double()  # (2,): the two order statistics
-    lower = torch.where(count > 0, found[:1], math.nan)
-    return lower.lerp_(found[1:], weight).reshape(())  # torch's lerp, as nanquantile's
-
-
-def same_class_pair_counts(target, num_classes):
+def same_class_pair_counts(target, num_classes, like=None):
     """(same, total), each (K,) float64: in-image 4-neighbour pairs with both labels valid, by
     the centre's class; `same` those whose neighbour has the same class. Counted per pixel
-    (how many of its 4 neighbours are valid, how many share its class: 0-4 each, uint8) and
-    then per class in one histogram of (class, valid neighbours, same neighbours): integer
-    counts, so the same numbers as adding the pairs one direction at a time."""
+    (how many of its 4 neighbours are valid, how many share its class: 0-4 each, `pair_codes`)
+    and then per class in one histogram of (class, valid neighbours, same neighbours):
+    integer counts, so the same numbers as adding the pairs one direction at a time. The
+    codes are compiled when `like` (default `target`) is large enough."""
     K = num_classes
-    t = target.long()
-    ok = (t >= 0) & (t < K)
-    slot = t.to(torch.int32).masked_fill_(~ok, K)  # slot K: not counted (values that wrap are not ok)
-    H, W = t.shape[-2:]
-    ok_padded = F.pad(ok, (1, 1, 1, 1)).view(torch.uint8)  # off the image: not valid
-    slot_padded = F.pad(slot, (1, 1, 1, 1), value=K)
-    near = torch.zeros_like(slot, dtype=torch.uint8)
-    same = torch.zeros_like(near)
-    for dy, dx in _OFFSETS[4]:
-        near += ok_padded[:, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
-        same += slot_padded[:, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] == slot  # equal to a valid centre: valid
-    code = (slot * 25).add_(near, alpha=5).add_(same).long().flatten()
-    hist = torch.zeros((K + 1) * 25, dtype=torch.long, device=code.device).scatter_add_(0, code, torch.ones_like(code))
+    code = pair_codes.for_input(target if like is None else like)(target.long(), K).flatten()
+    ones = torch.ones((), dtype=torch.long, device=code.device).expand(code.numel())
+    hist = torch.zeros((K + 1) * 25, dtype=torch.long, device=code.device).index_add_(0, code, ones)  # faster than scatter_add_ on the CPU
     counts = hist.view(K + 1, 5, 5)[:K]  # (class, valid neighbours, same neighbours)
     per = torch.arange(5, device=code.device)
     return (counts.sum(1) * per).sum(1).double(), (counts.sum(2) * per).sum(1).double()
 
 
 @maybe_compiled
-def padded_masked(probs, valid):
-    """(B, K, H + 2, W + 2): the probabilities with 0 at invalid pixels and around the image."""
-    return F.pad(probs.masked_fill(~valid[:, None], 0.0), (1, 1, 1, 1))
-
-
-@maybe_compiled
-def fused_indicators(probs, padded, expect, connectivity: int, margin: bool):
-    """`MarginalContext.swept_indicators` for one neighbour, written for torch.compile: the
-    same float32 operations per class (refinement, running top-2), functional, so inductor
-    fuses the class loop into one pass over `padded` (`padded_masked`) and `probs`."""
+def fused_indicators(probs, weight, expect, connectivity: int, margin: bool):
+    """`MarginalContext.swept_indicators` for one neighbour at the pixels off the border,
+    (B, H - 2, W - 2) each, written functionally so that inductor compiles the class loop
+    into one pass over the probabilities. Neighbours are read in place and masked as they
+    are read (`weight`: valid as 0/1 floats, which inductor reads much faster than bools),
+    not through a padded copy, which would cost more than the pass. A pixel's own
+    probability is masked too: the same number at a valid pixel, 0 at an invalid one, whose
+    indicators the selection never reads (the percentile and the kept set are over valid
+    pixels)."""
     B, K, H, W = probs.shape
-    top_p, top_q = probs[:, 0], None
+
+    def masked(c, dy, dx):  # class c's probabilities at the neighbour (dy, dx), 0 where it is invalid
+        rows, cols = slice(1 + dy, H - 1 + dy), slice(1 + dx, W - 1 + dx)
+        return torch.where(weight[:, rows, cols] > 0, probs[:, c, rows, cols], 0.0)
+
+    top_p, top_q = masked(0, 0, 0), None
     second_p = second_q = torch.full_like(top_p, -math.inf)
     for c in range(K):
-        p = probs[:, c]
-        views = [padded[:, c, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] for dy, dx in _OFFSETS[connectivity]]
+        p = masked(c, 0, 0)
+        views = [masked(c, dy, dx) for dy, dx in _OFFSETS[connectivity]]
         n = torch.maximum(views[0], views[1])
         for view in views[2:]:
             n = torch.maximum(n, view)
@@ -278,15 +220,16 @@ class MarginalContext(Selector):
         by the same float32 operations as `refine` (so q is the same numbers), and a running
         top-2 (top-1 for confidence), which is `topk(2)` / `amax` over K exactly (a max or
         min is exact in any order); nothing of size (B, K, H, W) is written. On large CPU
-        batches (`maybe_compiled`'s choice) one neighbour runs as `fused_indicators`: the
-        same operations compiled into one pass (inductor's C++ keeps each float operation
-        rounded on its own: no contraction into FMAs, no reassociation)."""
+        batches (`maybe_compiled`'s choice) one neighbour runs as `fused_indicators` for the
+        pixels off the border, the same operations compiled into one pass (inductor's C++
+        keeps each float operation rounded on its own: no contraction into FMAs, no
+        reassociation), and `_framed` adds the border."""
         B, K, H, W = probs.shape
         expect = self.expectation(probs.device).to(probs.dtype)
         margin = self.indicator == "margin"
         fused = fused_indicators.for_input(probs)
-        if self.neighbours == 1 and probs.device.type == "cpu" and fused is not fused_indicators.fn:  # compiled
-            return fused(probs, padded_masked(probs, valid), expect, self.connectivity, margin)
+        if self.neighbours == 1 and probs.device.type == "cpu" and fused is not fused_indicators.fn and min(H, W) >= 3:  # compiled
+            return self._framed(fused(probs, valid.float(), expect, self.connectivity, margin), probs, valid)
         padded = probs.new_zeros(B, H + 2, W + 2)
         inner = padded[:, 1 : 1 + H, 1 : 1 + W]
         views = [padded[:, 1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] for dy, dx in _OFFSETS[self.connectivity]]
@@ -328,9 +271,30 @@ class MarginalContext(Selector):
             return top_p.sub_(second_p), top_q.sub_(second_q)
         return top_p, top_q
 
+    def _framed(self, inner, probs, valid):
+        """(before, after) of the whole image from those of the inner pixels: the border rows
+        and columns from the whole-tensor formulas (`indicator` of `refine`, the same float32
+        operations) on the two rows or columns along each edge, a few thousand pixels. The
+        rows of both edges go as one batch, the columns (transposed: the neighbourhood is
+        symmetric) as another."""
+        B = probs.shape[0]
+
+        def edges(p, v):  # the first and last two rows of each image, as 2B strips of 2 rows
+            strips, strip_valid = torch.cat([p[:, :, :2], p[:, :, -2:]]), torch.cat([v[:, :2], v[:, -2:]])
+            both = indicator(strips, self.indicator), indicator(self.refine(strips, strip_valid), self.indicator)
+            return [(x[:B, 0], x[B:, 1]) for x in both]  # the first row of the top strips, the last of the bottom ones
+
+        rows, cols = edges(probs, valid), edges(probs.transpose(-1, -2), valid.transpose(-1, -2))
+        out = []
+        for (top, bottom), (left, right), middle in zip(rows, cols, inner):
+            whole = middle.new_empty(valid.shape)
+            whole[:, 1:-1, 1:-1], whole[:, 0], whole[:, -1], whole[:, :, 0], whole[:, :, -1] = middle, top, bottom, left, right
+            out.append(whole)
+        return tuple(out)
+
     def _select(self, probs, valid, moments, progress: float = 0.0, labeled_target=None, **context):
         if self.e_joint == "labeled" and labeled_target is not None:
-            same, total = same_class_pair_counts(labeled_target, self.num_classes)
+            same, total = same_class_pair_counts(labeled_target, self.num_classes, like=probs)
             self.same_pairs = self.same_pairs.to(same.device) + same
             self.all_pairs = self.all_pairs.to(total.device) + total
         keep = self.keep_percent(float(progress))

@@ -6,24 +6,38 @@ softmax over passes. Label = argmax Pbar; positive where Pbar_max >= tau_p and
 S[k*] < kappa_p. Pixels without a positive label get negative labels: class k != k* is a
 negative where, at temperature `temperature`, Pbar_nl[k] < tau_n and S_nl[k] < kappa_n.
 The `probs` argument is only validated; the MC passes decide.
+
+Cost (docs/kernels.md): the moments over the passes come from
+bench/contract/pass_moments.py (on large CPU batches two compiled passes over the logits,
+nothing of size T x batch written), the square root is ATen's (inductor's float32 sqrt is
+correctly rounded, ATen's here is not), and the decisions are one compiled pass. Bit for
+bit the eager selection (tests/test_fused_selectors.py).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bench.contract import Selector, hard_selection
+from bench.contract.compiled import maybe_compiled
+from bench.contract.pass_moments import softmax_moments
 
 
-def _std_mean_over_passes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unbiased std and mean over the leading pass axis, in two passes over the slices
-    (torch.std_mean over a leading axis is ~60x slower on the CPU)."""
-    mean = p.mean(dim=0)
-    sq = torch.zeros_like(mean)
-    for p_t in p:
-        d = p_t - mean
-        sq.addcmul_(d, d)
-    return sq.div_(p.shape[0] - 1).sqrt_(), mean
+@maybe_compiled
+def decisions(mean, std, mean_nl, std_nl, valid, tau_p: float, kappa_p: float, tau_n: float, kappa_n: float):
+    """(label, positive, negatives as 0/1 floats): the eager decisions, with max's first
+    index as the label; float masks because inductor writes bool tensors slowly."""
+    K = mean.shape[1]
+    conf = mean.amax(dim=1, keepdim=True)
+    k = torch.arange(K, device=mean.device).view(1, K, 1, 1)
+    label = torch.where(mean == conf, k, K).amin(dim=1, keepdim=True)
+    is_label = k == label
+    label_std = torch.where(is_label, std, -math.inf).amax(dim=1)
+    positive = (conf.squeeze(1) >= tau_p) & (label_std < kappa_p) & valid
+    negatives = (mean_nl < tau_n) & (std_nl < kappa_n) & ~is_label & (valid & ~positive).unsqueeze(1)
+    return label.squeeze(1), positive.float(), negatives.float()
 
 
 class UncertaintyAware(Selector):
@@ -60,14 +74,17 @@ class UncertaintyAware(Selector):
             )
         if mc_logits.shape[0] < 2:
             raise self._error(f"mc_logits needs T >= 2 passes, got T={mc_logits.shape[0]}")
-        self._check(~torch.isfinite(mc_logits).all(), "mc_logits contains NaN or Inf", diverged=True)
-        logits = mc_logits.float()
-        std, mean = _std_mean_over_passes(logits.softmax(dim=2))
+        moments, nonfinite = softmax_moments(mc_logits.float(), (1.0, self.temperature), ddof=1)  # unbiased
+        self._check(nonfinite, "mc_logits contains NaN or Inf", diverged=True)
+        (mean, var), (mean_nl, var_nl) = moments
+        std, std_nl = var.sqrt_(), var_nl.sqrt_()  # ATen's sqrt
+        fused = decisions.for_input(mean)
+        if fused is not decisions.fn:
+            label, positive, negatives = fused(mean, std, mean_nl, std_nl, valid, self.tau_p, self.kappa_p, self.tau_n, self.kappa_n)
+            return hard_selection(label, positive.bool(), valid, negatives=negatives.bool())
         conf, label = mean.max(dim=1)
         label_std = std.gather(1, label.unsqueeze(1)).squeeze(1)
         positive = (conf >= self.tau_p) & (label_std < self.kappa_p) & valid
-
-        std_nl, mean_nl = _std_mean_over_passes((logits / self.temperature).softmax(dim=2))
         negatives = (mean_nl < self.tau_n) & (std_nl < self.kappa_n)
         negatives.scatter_(1, label.unsqueeze(1), False)  # never the pseudo-label itself
         negatives &= (valid & ~positive).unsqueeze(1)

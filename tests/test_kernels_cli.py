@@ -19,7 +19,8 @@ def test_kernels_command_prints_and_writes_the_table(tmp_path, capsys):
     data = json.loads(out.read_text())
     rows = {r["kernel"]: r for r in data["timings"]}
     one_iteration = "csa (sinkhorn_iters=1)"  # CSA again with 1 Sinkhorn iteration, in the same rounds
-    assert set(rows) == {"bare threshold", "one read (probs.sum())", "csl (per-image SVD loop)", one_iteration, *available_selectors()}
+    assert set(rows) == {kernels.BARE, kernels.NAIVE, kernels.READ, kernels.SVD_LOOP, one_iteration, *available_selectors()}
+    assert kernels.BARE == "bare threshold (amax)"  # every "x bare" divides by the amax threshold (issue 21)
     assert len({r["repeats"] for r in rows.values()}) == 1  # round-robin: every kernel as often
     # stochastic passes: ups given 2 (--param), csa its default 10; per pass = per call / passes
     for name, passes in (("ups", 2), ("csa", 10), (one_iteration, 10)):
@@ -27,7 +28,7 @@ def test_kernels_command_prints_and_writes_the_table(tmp_path, capsys):
         assert r["passes"] == passes
         assert r["ms_per_pass"] == pytest.approx(r["median_ms"] / passes)
         assert r["ratio_per_pass"] == pytest.approx(r["ratio_to_bare"] / passes)
-    csa, bare = rows["csa"], rows["bare threshold"]
+    csa, bare = rows["csa"], rows[kernels.BARE]
     assert csa["iterations"] == 100 and rows[one_iteration]["iterations"] == 1
     assert csa["ms_per_iteration"] == pytest.approx((csa["median_ms"] - rows[one_iteration]["median_ms"]) / 99)
     assert csa["ratio_per_iteration"] == pytest.approx(csa["ms_per_iteration"] / bare["median_ms"])
@@ -55,11 +56,13 @@ class FakeClock:
 
 
 def test_medians_and_ratios_against_a_fake_clock(monkeypatch):
-    """Kernels that take 1 ms (bare), 0.5 ms (one read) and 3 ms / 1.5 ms with one 100 ms
-    outlier: the table must give the medians and their ratios, whatever the outlier."""
+    """Kernels that take 1 ms (bare), 8 ms (the naive threshold), 0.5 ms (one read) and 3 ms /
+    1.5 ms with one 100 ms outlier: the table must give the medians and their ratios to the
+    bare threshold, whatever the outlier."""
     clock = FakeClock()
     monkeypatch.setattr(kernels, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     monkeypatch.setattr(kernels, "bare_threshold", lambda probs, valid: setattr(clock, "now", clock.now + 1e-3))
+    monkeypatch.setattr(kernels, "naive_threshold", lambda probs, valid: setattr(clock, "now", clock.now + 8e-3))
     monkeypatch.setattr(kernels, "one_read", lambda probs: setattr(clock, "now", clock.now + 0.5e-3))
     calls = {"slow": 0}
 
@@ -79,10 +82,11 @@ def test_medians_and_ratios_against_a_fake_clock(monkeypatch):
 
     monkeypatch.setattr(kernels, "get_selector", lambda name, num_classes: Fake({"a": 3, "b": 1.5}[name]))
     rows = {r.kernel: r for r in kernels.time_kernels([(1, 2, 4, 4)], selectors=["a", "b"], min_repeats=7, budget_s=0.0, include_svd_loop=False)}
-    assert rows["bare threshold"].median_ms == pytest.approx(1.0)
+    assert rows[kernels.BARE].median_ms == pytest.approx(1.0)
     assert rows["a"].median_ms == pytest.approx(3.0) and rows["a"].ratio_to_bare == pytest.approx(3.0)
     assert rows["b"].ratio_to_bare == pytest.approx(1.5) and rows["b"].ratio_to_read == pytest.approx(3.0)
     assert rows["a"].ratio_to_read == pytest.approx(6.0)
+    assert rows[kernels.NAIVE].ratio_to_bare == pytest.approx(8.0)
     assert {r.repeats for r in rows.values()} == {7}
 
 
@@ -104,6 +108,7 @@ def test_per_pass_and_per_iteration_against_a_fake_clock(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(kernels, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     monkeypatch.setattr(kernels, "bare_threshold", lambda probs, valid: setattr(clock, "now", clock.now + 1e-3))
+    monkeypatch.setattr(kernels, "naive_threshold", lambda probs, valid: setattr(clock, "now", clock.now + 8e-3))
     monkeypatch.setattr(kernels, "one_read", lambda probs: setattr(clock, "now", clock.now + 0.5e-3))
 
     class Fake:
@@ -121,7 +126,7 @@ def test_per_pass_and_per_iteration_against_a_fake_clock(monkeypatch):
 
     monkeypatch.setattr(kernels, "get_selector", lambda name, num_classes, **kw: Fake(name, **kw))
     rows = {r.kernel: r for r in kernels.time_kernels([(1, 2, 4, 4)], selectors=["mc", "it"], min_repeats=3, budget_s=0.0, include_svd_loop=False)}
-    assert set(rows) == {"bare threshold", "one read (probs.sum())", "mc", "it", "it (solver_iters=1)"}
+    assert set(rows) == {kernels.BARE, kernels.NAIVE, kernels.READ, "mc", "it", "it (solver_iters=1)"}
     mc, it, once = rows["mc"], rows["it"], rows["it (solver_iters=1)"]
     assert mc.passes == 4 and mc.ms_per_pass == pytest.approx(2.0) and mc.ratio_per_pass == pytest.approx(mc.ratio_to_bare / 4) == pytest.approx(2.0)
     assert it.passes == 0 and it.ms_per_pass is None and it.ratio_per_pass is None
