@@ -210,6 +210,16 @@ def start_cluster_elsewhere() -> tuple[subprocess.Popen, str]:
     return keeper, keeper.stdout.readline().strip()
 
 
+def kill_cluster(keeper: subprocess.Popen) -> None:
+    """SIGKILL to the whole cluster; then forget its address, which Ray keeps in /tmp/ray for
+    a later plain `ray.init()` to join (a dead head there makes it retry for minutes)."""
+    from ray._common.utils import reset_ray_address
+
+    os.killpg(keeper.pid, signal.SIGKILL)
+    keeper.wait()
+    reset_ray_address()
+
+
 def complete(trials: Path) -> dict[str, tuple]:
     out = {}
     for rec in trials.glob("*/record.json"):
@@ -235,9 +245,8 @@ def test_the_head_and_driver_lost_mid_sweep_then_resume_on_a_new_cluster(tmp_pat
     wait_for(lambda: len(complete(trials)) >= 1 and len(list(trials.glob("*/checkpoint.pt"))) > len(complete(trials)),
              what="one trial complete and another mid-run")
     os.killpg(driver.pid, signal.SIGKILL)
-    os.killpg(keeper.pid, signal.SIGKILL)  # the head, the workers and every trial on them
+    kill_cluster(keeper)  # the head, the workers and every trial on them
     driver.wait()
-    keeper.wait()
     before = complete(trials)
     mid_run = {p.parent.name for p in trials.glob("*/checkpoint.pt")} - set(before)  # as the kill left them
     assert 1 <= len(before) < 4 and mid_run, (before, mid_run)
@@ -247,8 +256,7 @@ def test_the_head_and_driver_lost_mid_sweep_then_resume_on_a_new_cluster(tmp_pat
         resumed = subprocess.run(sweep_command(path, storage, "--address", address, "--resume"), cwd=REPO, env=ENV,
                                  capture_output=True, text=True, timeout=600)
     finally:
-        os.killpg(keeper.pid, signal.SIGKILL)
-        keeper.wait()
+        kill_cluster(keeper)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = complete(trials)
     assert len(after) == 4 and all(after[name] == stamp for name, stamp in before.items())  # kept, not rerun

@@ -41,7 +41,9 @@ def train_data_parallel(config: TrainConfig, resume: bool = False, use_gpu: bool
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started_ray = not ray.is_initialized()  # fit() starts a local Ray; leave none behind
+    started_ray = not ray.is_initialized()  # leave none behind
+    if started_ray:  # a private Ray: fit()'s own ray.init() would join whatever cluster /tmp/ray last named, even a dead one
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
     if use_gpu is None:
         use_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     config.device = "cuda" if use_gpu else "cpu"
