@@ -96,6 +96,12 @@ def uninterrupted(tmp_path: Path, path: Path, *args: str) -> subprocess.Complete
     return run
 
 
+def start_driver(path: Path, storage: Path, cluster) -> subprocess.Popen:
+    """`cslbench sweep --address` joined to the cluster, in its own process, as on a real one."""
+    return subprocess.Popen(sweep_command(path, storage, "--address", cluster.address), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def lose_a_worker_once(cluster, folder: Path, pattern: str) -> None:
     """Remove a worker node as soon as a checkpoint matching `pattern` exists under
     `folder` (mid-trial), then add a fresh one, as a cluster's autoscaler would. Every
@@ -114,8 +120,7 @@ def test_a_worker_node_lost_mid_trial_costs_a_restart_from_its_checkpoint_not_th
     path = sweep_file(tmp_path)
     reference = uninterrupted(tmp_path, path)
     storage = tmp_path / "cluster"
-    driver = subprocess.Popen(sweep_command(path, storage, "--address", cluster.address), cwd=REPO, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = start_driver(path, storage, cluster)
     trials = storage / "tiny" / "trials"
     lose_a_worker_once(cluster, trials, "*/checkpoint.pt")
     stdout, stderr = driver.communicate(timeout=600)
@@ -135,8 +140,7 @@ def test_a_worker_node_lost_during_the_warm_start_stage(tmp_path, cluster):
     path = sweep_file(tmp_path, iters=10, extra="warm_start: {iters: 40, seed: 0}\n")
     reference = uninterrupted(tmp_path, path)
     storage = tmp_path / "cluster"
-    driver = subprocess.Popen(sweep_command(path, storage, "--address", cluster.address), cwd=REPO, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = start_driver(path, storage, cluster)
     lose_a_worker_once(cluster, storage / "tiny" / "warmup", "*/checkpoint.pt")
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 0, stderr[-3000:]
@@ -145,6 +149,26 @@ def test_a_worker_node_lost_during_the_warm_start_stage(tmp_path, cluster):
     assert results(storage / "tiny" / "trials") == results(tmp_path / "reference" / "tiny" / "trials")
     [warm] = [json.loads(p.read_text()) for p in (storage / "tiny" / "warmup").glob("*/record.json")]
     assert [r["cause"] for r in warm["restarts"]] == ["died"]
+
+
+def test_an_asha_search_trial_whose_node_dies_goes_on_from_its_checkpoint(tmp_path, cluster):
+    """A search's sampled trials are retried like a sweep's: the one on the lost node starts
+    again from its own checkpoint (its folder is named by the values sampled for it), and
+    the search ends with every sample complete and nothing failed."""
+    extra = "search:\n  num_samples: 2\n  grace_period: 40\n  space:\n    lr: {loguniform: [0.001, 0.01]}\n"
+    path = sweep_file(tmp_path, extra=extra)
+    path.write_text(path.read_text().replace("  - {name: fixed, selector: fixed}\n", ""))
+    storage = tmp_path / "cluster"
+    driver = start_driver(path, storage, cluster)
+    folder = storage / "tiny" / "search"
+    lose_a_worker_once(cluster, folder, "*/checkpoint.pt")
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("csl-seed=0-*/record.json"))]
+    assert len(records) == 2 and all(r["status"] == "complete" and r["iteration"] == 40 for r in records)
+    [lost] = [r["restarts"] for r in records if r["restarts"]]  # one sample was on the lost node
+    assert [r["cause"] for r in lost] == ["died"] and lost[0]["resumed_from"] in (10, 20, 30)
+    assert "best by val_miou (max): lr=" in stdout  # the samples ranked, not a leaderboard
 
 
 def test_a_trial_failing_on_its_own_error_is_not_retried(tmp_path, cluster):
@@ -177,8 +201,7 @@ def test_a_data_parallel_trial_whose_worker_node_dies_goes_on_from_its_checkpoin
     path.write_text(path.read_text().replace("wandb_mode: disabled}", "wandb_mode: disabled, replicas: 2}").replace("  - {name: csl, selector: csl}\n", ""))
     reference = uninterrupted(tmp_path, path, "--address", cluster.address)  # three CPUs: more than this machine's private Ray
     storage = tmp_path / "cluster"
-    driver = subprocess.Popen(sweep_command(path, storage, "--address", cluster.address), cwd=REPO, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = start_driver(path, storage, cluster)
     trials = storage / "tiny" / "trials"
     wait_for(lambda: any(trials.glob("*/checkpoint.pt")), what="the data-parallel trial's first checkpoint")
     [victim] = [n for n in (big, small) if any("RayTrainWorker" in p for p in processes_on(n)) and not any("ImplicitFunc" in p for p in processes_on(n))]

@@ -425,6 +425,40 @@ def test_asha_search_runs_sampled_trials(tmp_path):
     configs = [json.loads(r.read_text())["config"] for r in runs]
     assert all(0.001 <= c["lr"] <= 0.1 and c["selector_params"]["alpha"] in (2.0, 8.0) for c in configs)
     assert len({c["lr"] for c in configs}) == 3
+    # evaluated only at the budget, no sample is pruned: every one completes its run
+    assert [json.loads(r.read_text())["status"] for r in runs] == ["complete"] * 3
+
+
+@pytest.mark.parametrize("stop_at", [2, 4])
+def test_a_sample_the_search_stops_is_recorded_stopped_and_one_at_its_budget_completes(tmp_path, monkeypatch, stop_at):
+    """Tune stops a function trial by sys.exit(0) inside tune.report. Pruned at a rung
+    (iteration 2 of 4), the sample's record says `stopped`, with the iteration; asked to
+    stop at its budget (ASHA's max_t), the run still finishes its final evaluation and its
+    record says `complete`. Without Ray: tune.report is replaced by Tune's stop."""
+    from ray import tune
+
+    from bench.orchestration.sweeps import _trainable
+
+    reported = []
+
+    def stop_at_rung(metrics):
+        reported.append(metrics["iter"])
+        if metrics["iter"] >= stop_at:
+            raise SystemExit(0)
+
+    monkeypatch.setattr(tune, "report", stop_at_rung)
+    sweep = load_sweep(write(tmp_path, TINY.replace("  eval_every: 4\n", "  eval_every: 2\n")))
+    [trial] = [t for t in sweep.trials() if t.label == "csl-seed=0"]
+    config = trial.config(tmp_path / "search", sweep.name).to_dict()
+    _trainable({"config": config, "threads": 1, "label": trial.label}, {"lr": 0.01})
+    [path] = (tmp_path / "search").glob("csl-seed=0-*/record.json")
+    record = json.loads(path.read_text())
+    assert reported == [2, 4][: [2, 4].index(stop_at) + 1]
+    if stop_at == 2:
+        assert record["status"] == "stopped" and record["iteration"] == 2
+        assert record["error"]["type"] == "StoppedBySearch" and "stopped this sample at iteration 2" in record["error"]["message"]
+    else:
+        assert record["status"] == "complete" and record["iteration"] == 4 and record["final"]["miou"] is not None
 
 
 # --------------------------------------------------------------------------------------

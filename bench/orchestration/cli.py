@@ -230,7 +230,13 @@ def cmd_sweep(args) -> None:
     print(f"\ntrials in {outcome.trials_dir}\n")
     table_error = None
     try:
-        print(leaderboard(outcome.trials_dir), end="")
+        if sweep.search is not None:  # samples of one cell: ranked, not a leaderboard
+            from bench.results.search import search_table
+
+            s = sweep.search
+            print(search_table(outcome.trials_dir, list(s.space), s.metric, s.mode), end="")
+        else:
+            print(leaderboard(outcome.trials_dir), end="")
     except ValueError as exc:  # e.g. two runs in one cell: the records are kept, the table is not drawn
         table_error = exc
     if not outcome.ok:

@@ -43,6 +43,11 @@ from bench.orchestration.cluster import check_fits, check_shared_storage, connec
 PROTOCOLS = ("synthetic", "classic", "blended", "u2pl", "cityscapes", "coco", "camvid", "ablation")
 
 
+class StoppedBySearch(Exception):
+    """The search's scheduler (ASHA) ended this sample early: a result of the search, not a
+    failure. Tune stops a function trial by `sys.exit(0)` inside `tune.report`."""
+
+
 class SweepError(ValueError):
     pass
 
@@ -377,9 +382,19 @@ def _trainable(params: dict, search: dict | None = None) -> None:
         config.out = f"{config.out}-{tag}"
         config.validate()
 
+    last: list[dict] = []  # the evaluation at the budget, reported once the record is complete
+
     def report(point: dict, step: int) -> None:
-        if "val_miou" in point:  # report at evaluations: what schedulers compare
-            tune.report({k: v for k, v in point.items() if isinstance(v, (int, float))} | {"iter": step})
+        if "val_miou" not in point:  # report at evaluations: what schedulers compare
+            return
+        metrics = {k: v for k, v in point.items() if isinstance(v, (int, float))} | {"iter": step}
+        if step >= config.iters:  # a scheduler stopping the trial here would cut its final evaluation short
+            last.append(metrics)
+            return
+        try:
+            tune.report(metrics)
+        except SystemExit:  # Tune's stop: the search pruned this sample
+            raise StoppedBySearch(f"the search's scheduler stopped this sample at iteration {step}") from None
 
     try:
         if config.replicas > 1:  # a trial bigger than one GPU: its own Ray Train workers
@@ -388,6 +403,11 @@ def _trainable(params: dict, search: dict | None = None) -> None:
             train_data_parallel(config, resume=True)
         else:
             Trainer(config, resume=True, show_progress=False, on_log=report).run()
+            with contextlib.suppress(SystemExit):  # stopped at its budget: nothing left to cut short
+                for metrics in last:
+                    tune.report(metrics)
+    except StoppedBySearch as exc:
+        mark_stopped(Path(config.out), exc)
     except BaseException as exc:
         if lost_worker(exc):  # a node or process went away: Tune starts the trial again (FailureConfig)
             mark_lost(Path(config.out), exc)
@@ -397,6 +417,15 @@ def _trainable(params: dict, search: dict | None = None) -> None:
             write_failed_record(Path(config.out), config.to_dict(), exc)
         if not isinstance(exc, Exception):  # an interrupt: let it through (the record says failed)
             raise
+
+
+def mark_stopped(out: Path, exc: StoppedBySearch) -> None:
+    """The record of a sample the search pruned says so (`stopped`), in place of the failure
+    the trainer recorded when Tune's stop reached it."""
+    record = read_record_or_none(out)
+    if record is not None and record.status != "complete":
+        record.status, record.error = "stopped", failure(exc, record.iteration)
+        write_record(out, record)
 
 
 def mark_lost(out: Path, exc: BaseException) -> None:
@@ -611,7 +640,10 @@ def _search(sweep: Sweep, root: Path, resume: bool, address, max_concurrent, ver
                 trainable,
                 param_space={"trial": {"config": config, "threads": threads, "label": trial.label}, "search": space},
                 tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler, max_concurrent_trials=max_concurrent),
-                run_config=tune.RunConfig(name=names[trial.label], storage_path=str(root / "ray"), verbose=max(verbose, 1)),
+                run_config=tune.RunConfig(
+                    name=names[trial.label], storage_path=str(root / "ray"), verbose=max(verbose, 1),
+                    failure_config=tune.FailureConfig(max_failures=sweep.retries),  # as in _run: lost nodes only
+                ),
             )
         for result in tuner.fit():
             if result.error is not None:

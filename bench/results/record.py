@@ -18,7 +18,7 @@ from bench.files import atomic_write_text, json_safe
 
 RECORD = "record.json"
 SCHEMA_VERSION = 2  # 1: the untyped records before it (no schema_version key)
-STATUSES = ("running", "complete", "failed", "skipped")
+STATUSES = ("running", "complete", "failed", "skipped", "stopped")  # stopped: pruned by a search scheduler
 
 
 class RecordError(ValueError):
