@@ -429,6 +429,37 @@ def test_asha_search_runs_sampled_trials(tmp_path):
     assert [json.loads(r.read_text())["status"] for r in runs] == ["complete"] * 3
 
 
+def test_samples_a_real_scheduler_prunes_are_recorded_stopped(tmp_path, monkeypatch):
+    """Through real Ray Tune: a scheduler that stops every sample at its first evaluation
+    (iteration 2 of 4) in place of ASHA, whose choice depends on the sampled values. Every
+    record says `stopped` at 2, with no traceback, and the search has no failures."""
+    import ray
+    from ray.tune import schedulers
+
+    from bench.orchestration.sweeps import run_sweep
+
+    class StopAtFirstResult(schedulers.FIFOScheduler):
+        def __init__(self, **asha_arguments):
+            super().__init__()
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return schedulers.TrialScheduler.STOP
+
+    monkeypatch.setattr(schedulers, "ASHAScheduler", StopAtFirstResult)
+    text = TINY.replace("  seed: [0, 1]", "  seed: [0]").replace("  eval_every: 4\n", "  eval_every: 2\n").replace(
+        "  - {name: supervised, framework: supervised}\n  - {name: fixed, selector: fixed}\n", ""
+    ) + "search:\n  num_samples: 2\n  space:\n    lr: {loguniform: [0.001, 0.1]}\n"
+    try:
+        outcome = run_sweep(load_sweep(write(tmp_path, text)), tmp_path / "store", verbose=0)
+    finally:
+        ray.shutdown()
+    assert outcome.failed == {}
+    records = [json.loads(r.read_text()) for r in sorted(outcome.trials_dir.glob("csl-seed=0-*/record.json"))]
+    assert len(records) == 2
+    for record in records:
+        assert (record["status"], record["iteration"], record["error"]["type"], record["traceback"]) == ("stopped", 2, "StoppedBySearch", None)
+
+
 @pytest.mark.parametrize("stop_at", [2, 4])
 def test_a_sample_the_search_stops_is_recorded_stopped_and_one_at_its_budget_completes(tmp_path, monkeypatch, stop_at):
     """Tune stops a function trial by sys.exit(0) inside tune.report. Pruned at a rung

@@ -142,8 +142,12 @@ class Recorder:
         self.write()
         self.tracker.summary({"final_miou": final["miou"], "miou_best_val": log.best_val[0], **{f"selection_{k}": v for k, v in (r.selection or {}).items()}})
 
-    def fail(self, error: BaseException, iteration: int) -> None:
+    def fail(self, error: BaseException, iteration: int) -> bool:
+        """Record why the run ended early; False when that is no failure (an error whose
+        `record_status` says otherwise, e.g. a search's scheduler stopping it)."""
         r = self.record
-        r.status, r.error, r.updated = "failed", failure(error, getattr(error, "iteration", iteration)), now()
-        r.traceback = traceback.format_exc(limit=-8)
+        r.status, r.updated = getattr(error, "record_status", "failed"), now()
+        r.error = failure(error, getattr(error, "iteration", iteration))
+        r.traceback = traceback.format_exc(limit=-8) if r.status == "failed" else None
         self.write()
+        return r.status == "failed"

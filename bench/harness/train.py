@@ -59,7 +59,7 @@ class Trainer:
             failed = False
         except BaseException as exc:
             cause = self.deferred_cause() if isinstance(exc, Exception) and parts.replicas.world == 1 else None
-            books.fail(cause or exc, t + 1)
+            failed = books.fail(cause or exc, t + 1)
             if cause is not None:
                 raise cause from exc
             raise

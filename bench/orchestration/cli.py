@@ -230,7 +230,7 @@ def cmd_sweep(args) -> None:
     print(f"\ntrials in {outcome.trials_dir}\n")
     table_error = None
     try:
-        if sweep.search is not None:  # samples of one cell: ranked, not a leaderboard
+        if sweep.search is not None:  # samples ranked per trial of the grid, not a leaderboard
             from bench.results.search import search_table
 
             s = sweep.search

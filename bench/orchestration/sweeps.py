@@ -47,6 +47,8 @@ class StoppedBySearch(Exception):
     """The search's scheduler (ASHA) ended this sample early: a result of the search, not a
     failure. Tune stops a function trial by `sys.exit(0)` inside `tune.report`."""
 
+    record_status = "stopped"  # what the trainer's record says when this ends a run
+
 
 class SweepError(ValueError):
     pass
@@ -393,8 +395,12 @@ def _trainable(params: dict, search: dict | None = None) -> None:
             return
         try:
             tune.report(metrics)
-        except SystemExit:  # Tune's stop: the search pruned this sample
-            raise StoppedBySearch(f"the search's scheduler stopped this sample at iteration {step}") from None
+        except SystemExit:  # Tune's stop: in a search, its scheduler pruned this sample
+            if not search:
+                raise
+            stop = StoppedBySearch(f"the search's scheduler stopped this sample at iteration {step}")
+            mark_stopped(Path(config.out), stop)  # first: Tune may end this process at any moment now
+            raise stop from None
 
     try:
         if config.replicas > 1:  # a trial bigger than one GPU: its own Ray Train workers
@@ -424,7 +430,7 @@ def mark_stopped(out: Path, exc: StoppedBySearch) -> None:
     the trainer recorded when Tune's stop reached it."""
     record = read_record_or_none(out)
     if record is not None and record.status != "complete":
-        record.status, record.error = "stopped", failure(exc, record.iteration)
+        record.status, record.error, record.traceback = "stopped", failure(exc, record.iteration), None
         write_record(out, record)
 
 

@@ -1,4 +1,4 @@
-"""What an ASHA search found: its samples ranked by the metric it compared.
+"""What an ASHA search found: its samples ranked, per trial of the grid.
 
 A search's samples share a (method, seed) cell and differ in the values it sampled, so
 the leaderboard (one run per cell, paired statistics over seeds) does not apply; and a
@@ -28,28 +28,35 @@ def last_metric(curves: list[dict], metric: str) -> float | None:
 
 
 def search_rows(folder: Path | str, keys: list[str], metric: str, mode: str = "max") -> list[dict]:
-    """One row per sample under `folder`, best first; samples without the metric last."""
+    """One row per sample under `folder` (`<trial>-<hash of its values>`), grouped by trial.
+    Within a trial, the samples that went furthest come first (ASHA stopped the others for
+    trailing at a rung), then by the metric at their last evaluation; no metric: last."""
     rows = []
     for path in sorted(Path(folder).rglob(RECORD)):
+        trial = path.parent.name.rsplit("-", 1)[0]
         try:
             record = read_record(path.parent)
         except RecordError as exc:
-            rows.append({"run": path.parent.name, "status": f"unreadable ({exc})", "iteration": None, metric: None})
+            rows.append({"trial": trial, "run": path.parent.name, "status": f"unreadable ({exc})", "iteration": -1, metric: None})
             continue
         status = record.status
         if status == "stopped":
             status = f"stopped at {record.iteration}"
         elif status != "complete":
             status = f"{status} ({describe_error(record.error)})" if record.error else status
-        value = last_metric(record.curves, metric)
-        row = {"run": record.name, **{k: sampled_value(record.config, k) for k in keys}, "status": status, "iteration": record.iteration}
-        rows.append(row | {metric: value})
+        row = {"trial": trial, "run": record.name, **{k: sampled_value(record.config, k) for k in keys}}
+        rows.append(row | {"status": status, "iteration": record.iteration, metric: last_metric(record.curves, metric)})
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(rows, key=lambda r: (r[metric] is None or math.isnan(r[metric]), sign * (r[metric] or 0.0)))
+
+    def rank(r: dict):
+        missing = r[metric] is None or math.isnan(r[metric])
+        return r["trial"], missing, -r["iteration"], 0.0 if missing else sign * r[metric]
+
+    return sorted(rows, key=rank)
 
 
 def search_table(folder: Path | str, keys: list[str], metric: str, mode: str = "max") -> str:
-    """The samples as a markdown table, best first, with a line naming the best values."""
+    """The samples as a markdown table, with a line per trial naming its best values."""
     rows = search_rows(folder, keys, metric, mode)
     if not rows:
         return f"no samples under {folder}\n"
@@ -58,15 +65,15 @@ def search_table(folder: Path | str, keys: list[str], metric: str, mode: str = "
     def cell(value) -> str:
         if value is None:
             return "–"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    best = rows[0]
-    if best[metric] is not None:
-        chosen = ", ".join(f"{k}={cell(best[k])}" for k in keys)
-        lines.append(f"\nbest by {metric} ({mode}): {chosen} ({best['run']}, {best['status']}). A search chooses; "
-                     "report the chosen values from a FIFO sweep over seeds.")
+    lines.append("")
+    for trial in dict.fromkeys(r["trial"] for r in rows):
+        best = next(r for r in rows if r["trial"] == trial)
+        if best[metric] is not None:
+            chosen = ", ".join(f"{k}={cell(best[k])}" for k in keys)
+            lines.append(f"{trial}: best by {metric} ({mode}) {chosen} ({best['run']}, {best['status']})")
+    lines.append("A search chooses values; report them from a FIFO sweep over seeds.")
     return "\n".join(lines) + "\n"
