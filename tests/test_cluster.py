@@ -168,7 +168,7 @@ def test_an_asha_search_trial_whose_node_dies_goes_on_from_its_checkpoint(tmp_pa
     assert len(records) == 2 and all(r["status"] == "complete" and r["iteration"] == 40 for r in records)
     [lost] = [r["restarts"] for r in records if r["restarts"]]  # one sample was on the lost node
     assert [r["cause"] for r in lost] == ["died"] and lost[0]["resumed_from"] in (10, 20, 30)
-    assert "best by val_miou (max): lr=" in stdout  # the samples ranked, not a leaderboard
+    assert "csl-seed=0: best by val_miou (max) lr=" in stdout  # the samples ranked, not a leaderboard
 
 
 def test_a_trial_failing_on_its_own_error_is_not_retried(tmp_path, cluster):
