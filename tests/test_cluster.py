@@ -7,6 +7,7 @@ raylet and every process on it, as a preempted or rebooted machine would. The sw
 driver is a separate process joined with `--address`, as on a real cluster.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -233,14 +234,48 @@ def start_cluster_elsewhere() -> tuple[subprocess.Popen, str]:
     return keeper, keeper.stdout.readline().strip()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (by parent id in /proc), wherever its session or group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_cluster(keeper: subprocess.Popen) -> None:
-    """SIGKILL to the whole cluster; then forget its address, which Ray keeps in /tmp/ray for
-    a later plain `ray.init()` to join (a dead head there makes it retry for minutes)."""
+    """SIGKILL to the whole cluster, and wait until every process of it is gone: a Ray
+    worker in its own session would otherwise train on until it saw its raylet die, and a
+    trial could complete after the test looked. Then forget the cluster's address, which
+    Ray keeps in /tmp/ray for a later plain `ray.init()` to join (a dead head there makes
+    it retry for minutes)."""
     from ray._common.utils import reset_ray_address
 
+    processes = descendants(keeper.pid)
     os.killpg(keeper.pid, signal.SIGKILL)
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     keeper.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and not zombie(pid) for pid in processes), timeout=60,
+             what="the killed cluster's processes to end")
     reset_ray_address()
+
+
+def zombie(pid: int) -> bool:
+    """Dead, waiting for its parent to read its exit status: it runs no more code."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def complete(trials: Path) -> dict[str, tuple]:
