@@ -109,8 +109,19 @@ def lose_a_worker_once(cluster, folder: Path, pattern: str) -> None:
     worker runs a trial then (one CPU each, as many trials as workers), so the removed
     one takes a trial with it."""
     wait_for(lambda: any(folder.glob(pattern)), what=f"a checkpoint {pattern} in {folder}")
-    cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+    lose_node(cluster, next(iter(cluster.worker_nodes)))
     cluster.add_node(num_cpus=1)
+
+
+def lose_node(cluster, node) -> None:
+    """A node gone at once, as a machine that dies: SIGKILL to its raylet and to every
+    process it started. Ray's workers run in their own process groups and, left alone,
+    would train on until they noticed their raylet had died (a trial could finish meanwhile)."""
+    processes = descendants(raylet_pid(node))
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    cluster.remove_node(node, allow_graceful=False)
 
 
 def test_a_worker_node_lost_mid_trial_costs_a_restart_from_its_checkpoint_not_the_sweep(tmp_path, cluster):
@@ -183,12 +194,15 @@ def test_a_trial_failing_on_its_own_error_is_not_retried(tmp_path, cluster):
     assert "lost its process or node" not in run.stdout and "nan-seed=0 FAILED: DivergedError" in run.stdout
 
 
-def processes_on(node) -> list[str]:
-    """The command lines of the processes a node's raylet started (Ray's workers and actors)."""
+def raylet_pid(node) -> int:
     from ray._private import ray_constants
 
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    return subprocess.run(["ps", "-o", "args=", "--ppid", str(raylet)], capture_output=True, text=True).stdout.splitlines()
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+def processes_on(node) -> list[str]:
+    """The command lines of the processes a node's raylet started (Ray's workers and actors)."""
+    return subprocess.run(["ps", "-o", "args=", "--ppid", str(raylet_pid(node))], capture_output=True, text=True).stdout.splitlines()
 
 
 @pytest.mark.workers(0)
@@ -206,7 +220,7 @@ def test_a_data_parallel_trial_whose_worker_node_dies_goes_on_from_its_checkpoin
     trials = storage / "tiny" / "trials"
     wait_for(lambda: any(trials.glob("*/checkpoint.pt")), what="the data-parallel trial's first checkpoint")
     [victim] = [n for n in (big, small) if any("RayTrainWorker" in p for p in processes_on(n)) and not any("ImplicitFunc" in p for p in processes_on(n))]
-    cluster.remove_node(victim, allow_graceful=False)
+    lose_node(cluster, victim)
     cluster.add_node(num_cpus=2)
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 0, stderr[-3000:]

@@ -244,6 +244,23 @@ def test_resume_of_a_complete_run_does_nothing(tmp_path):
     assert again.final == first.final and again.updated == first.updated
 
 
+def test_a_run_killed_between_its_final_checkpoint_and_its_complete_record_resumes_to_the_same_record(tmp_path):
+    """The final checkpoint is written before the record says complete; a kill between the
+    two leaves a `running` record and a checkpoint at the budget. The resume runs no step,
+    and its complete record still holds the run's curves and counts the restart."""
+    from bench.results.record import read_record, write_record
+
+    cfg = tiny(tmp_path, "iters=4", "eval_every=2", "log_every=2", "checkpoint_every=2", "selector=fixed", "framework=fixmatch")
+    whole = Trainer(cfg, show_progress=False).run()
+    killed = read_record(cfg.out)
+    killed.status, killed.final, killed.selection = "running", None, None  # as the last log step left it
+    write_record(cfg.out, killed)
+    again = Trainer(cfg, resume=True, show_progress=False).run()
+    assert again.status == "complete" and len(whole.curves) == 2
+    assert again.curves == whole.curves and again.final == whole.final and again.selection == whole.selection
+    assert again.restarts == [{"cause": "died", "reached": 4, "resumed_from": 4, "recomputed": 0}]
+
+
 def test_cli_print_config_and_errors(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "bench.orchestration.cli", "train", "--print-config", "selector=csl", "selector.alpha=8"], capture_output=True, text=True, env=env)

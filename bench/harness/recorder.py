@@ -125,6 +125,7 @@ class Recorder:
         parts, log, r = self.parts, self.parts.log, self.record
         cfg = parts.config
         r.status, r.iteration, r.updated = "complete", cfg.iters, now()
+        r.curves = log.curves  # from the checkpoint when a resume starts at the budget (no log step ran)
         r.final = {
             "eval_split": cfg.eval_split,  # miou, per_class_iou and pixel_accuracy are on it
             "miou": final["miou"],
