@@ -412,8 +412,8 @@ def _trainable(params: dict, search: dict | None = None) -> None:
             with contextlib.suppress(SystemExit):  # stopped at its budget: nothing left to cut short
                 for metrics in last:
                     tune.report(metrics)
-    except StoppedBySearch as exc:
-        mark_stopped(Path(config.out), exc)
+    except StoppedBySearch:  # recorded `stopped` already: by `report`, then by the trainer's `fail`
+        pass
     except BaseException as exc:
         if lost_worker(exc):  # a node or process went away: Tune starts the trial again (FailureConfig)
             mark_lost(Path(config.out), exc)
@@ -426,8 +426,8 @@ def _trainable(params: dict, search: dict | None = None) -> None:
 
 
 def mark_stopped(out: Path, exc: StoppedBySearch) -> None:
-    """The record of a sample the search pruned says so (`stopped`), in place of the failure
-    the trainer recorded when Tune's stop reached it."""
+    """The record of a sample the search pruned says so (`stopped`), written the moment
+    Tune's stop arrives, before the trainer's own record of it."""
     record = read_record_or_none(out)
     if record is not None and record.status != "complete":
         record.status, record.error, record.traceback = "stopped", failure(exc, record.iteration), None
